@@ -1,0 +1,254 @@
+"""The reporter: registers the agent with the scheduler and streams capacity reports.
+
+It only dials out. After any disconnect (scheduler restart, network loss, refused token) it waits
+a jittered exponential backoff and registers again; while it cannot reach the scheduler the node
+keeps serving what it runs (fail static). Protobuf messages are built here and nowhere else on
+the agent side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from agent.channel import auth_metadata, open_channel
+from agent.config import AgentConfig
+from agent.gpus import GpuInfo, GpuInventory, GpuSample
+from agent.status import ReplicaState, ReplicaStatus
+from spillway.v1 import agent_pb2 as pb
+from spillway.v1 import agent_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+REGISTER_TIMEOUT_S = 10.0
+DEFAULT_INTERVAL_S = 5.0
+
+_REPLICA_STATES = {
+    ReplicaState.STARTING: pb.REPLICA_STATE_STARTING,
+    ReplicaState.HEALTHY: pb.REPLICA_STATE_HEALTHY,
+    ReplicaState.DRAINING: pb.REPLICA_STATE_DRAINING,
+    ReplicaState.CRASH_LOOPING: pb.REPLICA_STATE_CRASH_LOOPING,
+    ReplicaState.FAILED: pb.REPLICA_STATE_FAILED,
+    ReplicaState.STOPPED: pb.REPLICA_STATE_STOPPED,
+}
+
+ReplicaSource = Callable[[], Sequence[ReplicaStatus]]
+
+
+def build_registration(
+    config: AgentConfig, gpus: Sequence[GpuInfo], gpu_source: str, version: str, hostname: str
+) -> pb.RegisterRequest:
+    labels = config.labels
+    return pb.RegisterRequest(
+        agent_id=config.agent_id,
+        agent_version=version,
+        labels=pb.AgentLabels(
+            pool=labels.pool,
+            provider=labels.provider,
+            region=labels.region,
+            zone=labels.zone,
+            residency_group=labels.residency_group,
+            instance_id=labels.instance_id,
+            extra=labels.extra,
+        ),
+        gpus=[
+            pb.Gpu(
+                index=g.index, uuid=g.uuid, model=g.model, memory_total_bytes=g.memory_total_bytes
+            )
+            for g in gpus
+        ],
+        gpu_source=gpu_source,
+        hostname=hostname,
+        task_queue=config.task_queue,
+    )
+
+
+def build_report(
+    agent_id: str,
+    sequence: int,
+    samples: Sequence[GpuSample],
+    replicas: Sequence[ReplicaStatus],
+    now: float | None = None,
+) -> pb.CapacityReport:
+    owner = {index: r.replica_id for r in replicas for index in r.gpu_indices}
+    sent_at = timestamp_pb2.Timestamp()
+    sent_at.FromNanoseconds(time.time_ns() if now is None else int(now * 1e9))
+    return pb.CapacityReport(
+        agent_id=agent_id,
+        sequence=sequence,
+        sent_at=sent_at,
+        gpus=[
+            pb.GpuState(
+                index=s.index,
+                memory_used_bytes=s.memory_used_bytes,
+                utilization=s.utilization,
+                replica_id=owner.get(s.index, ""),
+                healthy=s.healthy,
+            )
+            for s in samples
+        ],
+        replicas=[_replica(r) for r in replicas],
+    )
+
+
+def _replica(r: ReplicaStatus) -> pb.Replica:
+    message = pb.Replica(
+        replica_id=r.replica_id,
+        deployment=r.deployment,
+        model=r.model,
+        runtime=r.runtime,
+        port=r.port,
+        gpu_indices=r.gpu_indices,
+        state=_REPLICA_STATES[r.state],
+        state_reason=r.state_reason,
+        load=pb.ReplicaLoad(
+            running_requests=r.load.running_requests,
+            queued_requests=r.load.queued_requests,
+            kv_cache_usage=r.load.kv_cache_usage,
+            generation_tokens_per_second=r.load.generation_tokens_per_second,
+            cache_hit_rate=r.load.cache_hit_rate,
+        ),
+        restarts=r.restarts,
+    )
+    if r.started_at is not None:
+        message.started_at.FromNanoseconds(int(r.started_at * 1e9))
+    return message
+
+
+@dataclass
+class Backoff:
+    """Full-jitter exponential backoff: attempt n sleeps uniform(0, min(cap, initial * 2**n))."""
+
+    initial_s: float
+    max_s: float
+    rng: random.Random
+
+    def delay(self, attempt: int, cap_s: float | None = None) -> float:
+        cap = self.max_s if cap_s is None else min(self.max_s, cap_s)
+        return self.rng.uniform(0.0, min(cap, self.initial_s * (2.0 ** min(attempt, 30))))
+
+
+class Reporter:
+    """Keeps one registration and report stream alive for as long as :meth:`run` runs."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        inventory: GpuInventory,
+        token: str,
+        replicas: ReplicaSource = lambda: (),
+        *,
+        version: str,
+        hostname: str,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config = config
+        self._inventory = inventory
+        self._metadata = auth_metadata(token)
+        self._replicas = replicas
+        self._version = version
+        self._hostname = hostname
+        self._backoff = Backoff(
+            config.reconnect.initial_backoff_s,
+            config.reconnect.max_backoff_s,
+            rng or random.Random(),
+        )
+        self.interval_s: float | None = None  # set by the scheduler
+        self.scheduler_instance = ""
+        self.registrations = 0
+        self.reports_acked = 0
+        self.last_error: str | None = None
+
+    async def run(self) -> None:
+        """Register and report until cancelled, reconnecting after every failure."""
+        attempt = 0
+        while True:
+            registered_before = self.registrations
+            try:
+                await self._session()
+                self.last_error = "the scheduler closed the report stream"
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                self.last_error = f"{exc.code().name}: {exc.details()}"
+            except Exception as exc:  # a bug or a local problem; keep the agent alive
+                log.exception("report session failed")
+                self.last_error = repr(exc)
+            if self.registrations > registered_before:
+                attempt = 0  # the link worked; start the backoff over
+            # Once the scheduler has told us its interval, retrying once per interval costs it
+            # no more than normal reporting does, so the wait never exceeds the interval.
+            delay = self._backoff.delay(attempt, self.interval_s)
+            attempt += 1
+            log.warning(
+                "lost the scheduler at %s (%s); retrying in %.2fs",
+                self._config.scheduler.address,
+                self.last_error,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        endpoint = self._config.scheduler
+        channel = open_channel(endpoint.address, endpoint.tls)
+        reader: asyncio.Task[None] | None = None
+        try:
+            stub = pb_grpc.AgentServiceStub(channel)
+            registration = build_registration(
+                self._config,
+                self._inventory.gpus,
+                self._inventory.source,
+                self._version,
+                self._hostname,
+            )
+            response = await stub.Register(
+                registration, metadata=self._metadata, timeout=REGISTER_TIMEOUT_S
+            )
+            self.interval_s = _seconds(response.report_interval) or DEFAULT_INTERVAL_S
+            self.scheduler_instance = response.scheduler_instance
+            self.registrations += 1
+            log.info(
+                "registered with scheduler %s at %s; reporting every %.2fs",
+                response.scheduler_instance,
+                endpoint.address,
+                self.interval_s,
+            )
+            # No request iterator: reports are written with call.write() as they are made.
+            call = stub.Report(metadata=self._metadata)  # type: ignore[call-arg]
+            reader = asyncio.create_task(self._read_acks(call))
+            sequence = 0
+            while True:
+                sequence += 1
+                report = build_report(
+                    self._config.agent_id, sequence, self._inventory.sample(), self._replicas()
+                )
+                await call.write(report)
+                done, _ = await asyncio.wait({reader}, timeout=self.interval_s)
+                if done:
+                    reader.result()  # raises the stream's error, if any
+                    return
+        finally:
+            if reader is not None:
+                reader.cancel()
+            await channel.close(grace=None)
+
+    async def _read_acks(
+        self, call: grpc.aio.StreamStreamCall[pb.CapacityReport, pb.ReportAck]
+    ) -> None:
+        async for ack in call:
+            self.reports_acked += 1
+            interval = _seconds(ack.report_interval)
+            if interval and interval != self.interval_s:
+                log.info("scheduler asks for reports every %.2fs", interval)
+                self.interval_s = interval
+
+
+def _seconds(duration: duration_pb2.Duration) -> float:
+    return float(duration.seconds) + duration.nanos / 1e9

@@ -1,0 +1,263 @@
+"""Protobuf to fleet dataclasses and back, and the checks on what agents send.
+
+Every message from an agent is checked before it touches fleet state; a message that fails a
+check is answered with INVALID_ARGUMENT by the server, which names the field. Limits keep one
+agent from growing the scheduler's memory without bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+from google.protobuf import timestamp_pb2
+
+from scheduler.fleet import (
+    AgentHealth,
+    AgentRecord,
+    Gpu,
+    GpuState,
+    Labels,
+    Registration,
+    Replica,
+    ReplicaLoad,
+    ReplicaState,
+    Report,
+)
+from spillway.v1 import agent_pb2 as pb
+
+MAX_GPUS = 64
+MAX_REPLICAS = 256
+MAX_LABELS = 32
+MAX_TEXT = 256
+
+_STATE_FROM_PB = {
+    pb.REPLICA_STATE_UNSPECIFIED: ReplicaState.UNKNOWN,
+    pb.REPLICA_STATE_STARTING: ReplicaState.STARTING,
+    pb.REPLICA_STATE_HEALTHY: ReplicaState.HEALTHY,
+    pb.REPLICA_STATE_DRAINING: ReplicaState.DRAINING,
+    pb.REPLICA_STATE_CRASH_LOOPING: ReplicaState.CRASH_LOOPING,
+    pb.REPLICA_STATE_FAILED: ReplicaState.FAILED,
+    pb.REPLICA_STATE_STOPPED: ReplicaState.STOPPED,
+}
+_STATE_TO_PB = {state: number for number, state in _STATE_FROM_PB.items()}
+_HEALTH_TO_PB = {
+    AgentHealth.CONNECTED: pb.AGENT_HEALTH_CONNECTED,
+    AgentHealth.STALE: pb.AGENT_HEALTH_STALE,
+}
+
+
+class InvalidMessage(ValueError):
+    """A message from an agent is well-formed protobuf but not acceptable."""
+
+
+def _text(value: str, field: str, *, required: bool = False) -> str:
+    if required and not value:
+        raise InvalidMessage(f"{field} is required")
+    if len(value) > MAX_TEXT:
+        raise InvalidMessage(f"{field} is longer than {MAX_TEXT} characters")
+    return value
+
+
+def _fraction(value: float, field: str) -> float:
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise InvalidMessage(f"{field} must be between 0 and 1, got {value}")
+    return value
+
+
+def _rate(value: float, field: str) -> float:
+    if not (math.isfinite(value) and value >= 0.0):
+        raise InvalidMessage(f"{field} must be a finite number >= 0, got {value}")
+    return value
+
+
+def registration_from_pb(message: pb.RegisterRequest) -> Registration:
+    if len(message.gpus) > MAX_GPUS:
+        raise InvalidMessage(f"gpus lists {len(message.gpus)} GPUs; at most {MAX_GPUS}")
+    labels = message.labels
+    if len(labels.extra) > MAX_LABELS:
+        raise InvalidMessage(f"labels.extra has more than {MAX_LABELS} entries")
+    gpus = tuple(
+        Gpu(
+            index=g.index,
+            uuid=_text(g.uuid, f"gpus[{n}].uuid"),
+            model=_text(g.model, f"gpus[{n}].model", required=True),
+            memory_total_bytes=g.memory_total_bytes,
+        )
+        for n, g in enumerate(message.gpus)
+    )
+    if sorted(g.index for g in gpus) != list(range(len(gpus))):
+        raise InvalidMessage("gpus must be indexed 0..N-1, each index once")
+    return Registration(
+        agent_id=_text(message.agent_id, "agent_id", required=True),
+        agent_version=_text(message.agent_version, "agent_version"),
+        labels=Labels(
+            pool=_text(labels.pool, "labels.pool", required=True),
+            provider=_text(labels.provider, "labels.provider", required=True),
+            region=_text(labels.region, "labels.region", required=True),
+            zone=_text(labels.zone, "labels.zone"),
+            residency_group=_text(labels.residency_group, "labels.residency_group"),
+            instance_id=_text(labels.instance_id, "labels.instance_id"),
+            extra={
+                _text(k, "labels.extra key"): _text(v, f"labels.extra[{k}]")
+                for k, v in labels.extra.items()
+            },
+        ),
+        gpus=gpus,
+        gpu_source=_text(message.gpu_source, "gpu_source"),
+        hostname=_text(message.hostname, "hostname"),
+        task_queue=_text(message.task_queue, "task_queue"),
+    )
+
+
+def report_from_pb(message: pb.CapacityReport, registration: Registration) -> Report:
+    """Check a report against the agent's registration and convert it."""
+    inventory = len(registration.gpus)
+    if len(message.gpus) > inventory:
+        raise InvalidMessage(
+            f"report lists {len(message.gpus)} GPUs; the agent registered {inventory}"
+        )
+    if len(message.replicas) > MAX_REPLICAS:
+        raise InvalidMessage(f"report lists more than {MAX_REPLICAS} replicas")
+    gpus = []
+    for n, g in enumerate(message.gpus):
+        if g.index >= inventory:
+            raise InvalidMessage(f"gpus[{n}].index {g.index} is not a registered GPU")
+        gpus.append(
+            GpuState(
+                index=g.index,
+                memory_used_bytes=g.memory_used_bytes,
+                utilization=_fraction(g.utilization, f"gpus[{n}].utilization"),
+                replica_id=_text(g.replica_id, f"gpus[{n}].replica_id"),
+                healthy=g.healthy,
+            )
+        )
+    replicas = []
+    for n, r in enumerate(message.replicas):
+        field = f"replicas[{n}]"
+        for index in r.gpu_indices:
+            if index >= inventory:
+                raise InvalidMessage(f"{field}.gpu_indices names GPU {index}, not registered")
+        state = _STATE_FROM_PB.get(r.state)
+        if state is None:
+            raise InvalidMessage(f"{field}.state has unknown value {r.state}")
+        load = r.load
+        replicas.append(
+            Replica(
+                replica_id=_text(r.replica_id, f"{field}.replica_id", required=True),
+                deployment=_text(r.deployment, f"{field}.deployment"),
+                model=_text(r.model, f"{field}.model"),
+                runtime=_text(r.runtime, f"{field}.runtime"),
+                port=r.port,
+                gpu_indices=tuple(r.gpu_indices),
+                state=state,
+                state_reason=_text(r.state_reason, f"{field}.state_reason"),
+                load=ReplicaLoad(
+                    running_requests=load.running_requests,
+                    queued_requests=load.queued_requests,
+                    kv_cache_usage=_fraction(load.kv_cache_usage, f"{field}.load.kv_cache_usage"),
+                    generation_tokens_per_second=_rate(
+                        load.generation_tokens_per_second,
+                        f"{field}.load.generation_tokens_per_second",
+                    ),
+                    cache_hit_rate=_fraction(load.cache_hit_rate, f"{field}.load.cache_hit_rate"),
+                ),
+                restarts=r.restarts,
+                started_at=_seconds(r.started_at) if r.HasField("started_at") else None,
+            )
+        )
+    return Report(
+        sequence=message.sequence,
+        sent_at=_seconds(message.sent_at),
+        gpus=tuple(gpus),
+        replicas=tuple(replicas),
+    )
+
+
+def _seconds(ts: timestamp_pb2.Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def registration_to_pb(reg: Registration) -> pb.RegisterRequest:
+    labels = reg.labels
+    return pb.RegisterRequest(
+        agent_id=reg.agent_id,
+        agent_version=reg.agent_version,
+        labels=pb.AgentLabels(
+            pool=labels.pool,
+            provider=labels.provider,
+            region=labels.region,
+            zone=labels.zone,
+            residency_group=labels.residency_group,
+            instance_id=labels.instance_id,
+            extra=labels.extra,
+        ),
+        gpus=[
+            pb.Gpu(
+                index=g.index, uuid=g.uuid, model=g.model, memory_total_bytes=g.memory_total_bytes
+            )
+            for g in reg.gpus
+        ],
+        gpu_source=reg.gpu_source,
+        hostname=reg.hostname,
+        task_queue=reg.task_queue,
+    )
+
+
+def report_to_pb(agent_id: str, report: Report) -> pb.CapacityReport:
+    message = pb.CapacityReport(
+        agent_id=agent_id,
+        sequence=report.sequence,
+        sent_at=_timestamp(report.sent_at),
+        gpus=[
+            pb.GpuState(
+                index=g.index,
+                memory_used_bytes=g.memory_used_bytes,
+                utilization=g.utilization,
+                replica_id=g.replica_id,
+                healthy=g.healthy,
+            )
+            for g in report.gpus
+        ],
+    )
+    for r in report.replicas:
+        replica = message.replicas.add(
+            replica_id=r.replica_id,
+            deployment=r.deployment,
+            model=r.model,
+            runtime=r.runtime,
+            port=r.port,
+            gpu_indices=r.gpu_indices,
+            state=_STATE_TO_PB[r.state],
+            state_reason=r.state_reason,
+            load=pb.ReplicaLoad(
+                running_requests=r.load.running_requests,
+                queued_requests=r.load.queued_requests,
+                kv_cache_usage=r.load.kv_cache_usage,
+                generation_tokens_per_second=r.load.generation_tokens_per_second,
+                cache_hit_rate=r.load.cache_hit_rate,
+            ),
+            restarts=r.restarts,
+        )
+        if r.started_at is not None:
+            replica.started_at.CopyFrom(_timestamp(r.started_at))
+    return message
+
+
+def agent_status_to_pb(record: AgentRecord, health: AgentHealth) -> pb.AgentStatus:
+    status = pb.AgentStatus(
+        registration=registration_to_pb(record.registration),
+        health=_HEALTH_TO_PB[health],
+        registered_at=_timestamp(record.registered_at),
+        reports_received=record.reports_received,
+    )
+    if record.last_report_at is not None:
+        status.last_report_at.CopyFrom(_timestamp(record.last_report_at))
+    if record.report is not None:
+        status.last_report.CopyFrom(report_to_pb(record.agent_id, record.report))
+    return status

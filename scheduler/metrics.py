@@ -1,0 +1,80 @@
+"""Prometheus metrics for the scheduler, computed from fleet state when scraped.
+
+Served by prometheus_client's own HTTP server on ``metrics_listen``. The collector reads fleet
+state from that server's thread; it only takes snapshots (no mutation), which is safe under the
+GIL because fleet state is only changed on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from scheduler.fleet import AgentHealth, FleetState
+
+if TYPE_CHECKING:
+    from scheduler.server import SchedulerService
+
+
+class FleetCollector(Collector):
+    def __init__(self, fleet: FleetState, service: SchedulerService) -> None:
+        self._fleet = fleet
+        self._service = service
+
+    def collect(self) -> Iterator[Any]:
+        agents = GaugeMetricFamily(
+            "spillway_agents", "Agents known to the scheduler, by health.", labels=["health"]
+        )
+        counts = dict.fromkeys(AgentHealth, 0)
+        for _, health in self._fleet.agents():
+            counts[health] += 1
+        for health, count in counts.items():
+            agents.add_metric([health.value], count)
+        yield agents
+        yield GaugeMetricFamily(
+            "spillway_report_streams_open",
+            "Report streams currently open (agents connected right now).",
+            value=self._service.open_streams,
+        )
+        yield CounterMetricFamily(
+            "spillway_reports", "Capacity reports accepted.", value=self._fleet.reports_total
+        )
+        yield GaugeMetricFamily(
+            "spillway_reports_per_second",
+            f"Reports accepted per second over the last {self._fleet.RATE_WINDOW_S:.0f}s.",
+            value=self._fleet.reports_per_second(),
+        )
+        free = GaugeMetricFamily(
+            "spillway_gpus_free", "Free GPUs on connected agents, per pool.", labels=["pool"]
+        )
+        total = GaugeMetricFamily(
+            "spillway_gpus_total", "GPUs on connected agents, per pool.", labels=["pool"]
+        )
+        for pool in self._fleet.pools():
+            free.add_metric([pool.pool], pool.gpus_free)
+            total.add_metric([pool.pool], pool.gpus_total)
+        yield free
+        yield total
+        rejected = CounterMetricFamily(
+            "spillway_rejected_calls", "Calls refused, by gRPC status code.", labels=["code"]
+        )
+        for code, count in sorted(self._service.rejected.items()):
+            rejected.add_metric([code], count)
+        yield rejected
+
+
+def start_metrics_server(
+    listen: str, fleet: FleetState, service: SchedulerService
+) -> tuple[Any, int]:
+    """Serve ``/metrics`` on ``listen`` (host:port); return the server and its bound port."""
+    host, _, port = listen.rpartition(":")
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(fleet, service))
+    server, _thread = start_http_server(
+        int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry
+    )
+    return server, int(server.server_address[1])

@@ -1,0 +1,305 @@
+"""The scheduler's gRPC server: agents register and stream reports; operators read the fleet.
+
+Requests are decoded here, not by gRPC, so that a message that is not valid protobuf, or is larger
+than ``max_message_bytes``, is answered with INVALID_ARGUMENT (gRPC alone would answer INTERNAL or
+RESOURCE_EXHAUSTED) and every other agent's stream carries on. Messages larger than four times
+the limit are refused by the transport itself with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from agent.channel import read_secret
+from scheduler.auth import Principal, TokenStore
+from scheduler.config import SchedulerConfig
+from scheduler.fleet import FleetState
+from scheduler.messages import (
+    InvalidMessage,
+    agent_status_to_pb,
+    registration_from_pb,
+    report_from_pb,
+)
+from spillway.v1 import agent_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+AGENT_SERVICE = "spillway.v1.AgentService"
+FLEET_SERVICE = "spillway.v1.FleetService"
+MessageT = TypeVar("MessageT", bound=Message)
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """Stands in for a request that could not be decoded; the handler answers INVALID_ARGUMENT."""
+
+    reason: str
+
+
+def lenient_decoder(cls: type[MessageT], max_bytes: int) -> Callable[[bytes], MessageT | Malformed]:
+    def decode(raw: bytes) -> MessageT | Malformed:
+        if len(raw) > max_bytes:
+            return Malformed(f"message of {len(raw)} bytes exceeds the limit of {max_bytes}")
+        try:
+            return cls.FromString(raw)
+        except DecodeError as exc:
+            return Malformed(f"not a valid {cls.DESCRIPTOR.full_name}: {exc}")
+
+    return decode
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+class SchedulerService:
+    """Handlers for AgentService and FleetService over one :class:`FleetState`."""
+
+    def __init__(self, fleet: FleetState, tokens: TokenStore, instance: str) -> None:
+        self.fleet = fleet
+        self.tokens = tokens
+        self.instance = instance
+        self.rejected: Counter[str] = Counter()  # by status code name
+        self.open_streams = 0
+
+    async def _reject(
+        self, context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, detail: str
+    ) -> NoReturn:
+        self.rejected[code.name] += 1
+        log.warning("refused a call from %s: %s: %s", context.peer(), code.name, detail)
+        await context.abort(code, detail)
+        raise AssertionError("unreachable: abort raises")
+
+    async def _principal(self, context: grpc.aio.ServicerContext[Any, Any], role: str) -> Principal:
+        principal = self.tokens.authenticate(context.invocation_metadata())
+        if principal is None:
+            await self._reject(
+                context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token"
+            )
+        if principal.role != role:
+            await self._reject(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"a token of role {principal.role!r} cannot call this method",
+            )
+        return principal
+
+    async def _check_identity(
+        self, context: grpc.aio.ServicerContext[Any, Any], principal: Principal, agent_id: str
+    ) -> None:
+        if agent_id != principal.id:
+            await self._reject(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the token is bound to agent {principal.id!r}, not {agent_id!r}",
+            )
+
+    async def register(
+        self, request: pb.RegisterRequest | Malformed, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RegisterResponse:
+        principal = await self._principal(context, "agent")
+        if isinstance(request, Malformed):
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        await self._check_identity(context, principal, request.agent_id)
+        try:
+            registration = registration_from_pb(request)
+        except InvalidMessage as exc:
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self.fleet.register(registration)
+        labels = registration.labels
+        log.info(
+            "agent %s registered: %s %s pool %s, %d GPUs (%s), version %s",
+            registration.agent_id,
+            labels.provider,
+            labels.region,
+            labels.pool,
+            len(registration.gpus),
+            registration.gpu_source,
+            registration.agent_version,
+        )
+        return pb.RegisterResponse(
+            report_interval=_duration(self.fleet.report_interval_s),
+            scheduler_instance=self.instance,
+        )
+
+    async def report(
+        self,
+        requests: AsyncIterator[pb.CapacityReport | Malformed],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.ReportAck]:
+        principal = await self._principal(context, "agent")
+        interval = _duration(self.fleet.report_interval_s)
+        self.open_streams += 1
+        try:
+            async for request in requests:
+                if isinstance(request, Malformed):
+                    await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                    return
+                await self._check_identity(context, principal, request.agent_id)
+                record = self.fleet.get(request.agent_id)
+                if record is None:
+                    await self._reject(
+                        context,
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"agent {request.agent_id!r} is not registered; register first",
+                    )
+                    return
+                try:
+                    report = report_from_pb(request, record.registration)
+                except InvalidMessage as exc:
+                    await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                    return
+                self.fleet.apply(request.agent_id, report)
+                yield pb.ReportAck(sequence=request.sequence, report_interval=interval)
+        finally:
+            self.open_streams -= 1
+
+    async def get_fleet(
+        self, request: pb.GetFleetRequest | Malformed, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetFleetResponse:
+        await self._principal(context, "operator")
+        if isinstance(request, Malformed):
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        return pb.GetFleetResponse(
+            agents=[agent_status_to_pb(rec, health) for rec, health in self.fleet.agents()],
+            report_interval=_duration(self.fleet.report_interval_s),
+            scheduler_instance=self.instance,
+            generated_at=now,
+        )
+
+    def handlers(self, max_bytes: int) -> list[grpc.GenericRpcHandler[Any, Any]]:
+        agent = grpc.method_handlers_generic_handler(
+            AGENT_SERVICE,
+            {
+                "Register": grpc.unary_unary_rpc_method_handler(
+                    self.register,
+                    request_deserializer=lenient_decoder(pb.RegisterRequest, max_bytes),
+                    response_serializer=pb.RegisterResponse.SerializeToString,
+                ),
+                "Report": grpc.stream_stream_rpc_method_handler(
+                    self.report,
+                    request_deserializer=lenient_decoder(pb.CapacityReport, max_bytes),
+                    response_serializer=pb.ReportAck.SerializeToString,
+                ),
+            },
+        )
+        fleet = grpc.method_handlers_generic_handler(
+            FLEET_SERVICE,
+            {
+                "GetFleet": grpc.unary_unary_rpc_method_handler(
+                    self.get_fleet,
+                    request_deserializer=lenient_decoder(pb.GetFleetRequest, max_bytes),
+                    response_serializer=pb.GetFleetResponse.SerializeToString,
+                ),
+            },
+        )
+        return [agent, fleet]
+
+
+class Scheduler:
+    """A running scheduler: gRPC server, fleet state, sweeper, and optional metrics endpoint."""
+
+    def __init__(self, config: SchedulerConfig, tokens: TokenStore | None = None) -> None:
+        self.config = config
+        self.instance = uuid.uuid4().hex[:12]
+        self.fleet = FleetState(
+            config.report_interval_s, config.stale_after_intervals, config.gone_after_intervals
+        )
+        self.service = SchedulerService(
+            self.fleet, tokens or TokenStore(config.tokens_file), self.instance
+        )
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._metrics_server: Any = None
+
+    async def start(self) -> None:
+        config = self.config
+        limit = config.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit * 4),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
+        )
+        server.add_generic_rpc_handlers(self.service.handlers(limit))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if config.tls is None:
+            self.port = server.add_insecure_port(config.listen)
+        else:
+            tls = config.tls
+            ca = read_secret(tls.client_ca_file, "client CA") if tls.client_ca_file else None
+            credentials = grpc.ssl_server_credentials(
+                [
+                    (
+                        read_secret(tls.key_file, "TLS key"),
+                        read_secret(tls.cert_file, "TLS certificate"),
+                    )
+                ],
+                root_certificates=ca,
+                require_client_auth=ca is not None,
+            )
+            self.port = server.add_secure_port(config.listen, credentials)
+        await server.start()
+        self._server = server
+        for service in ("", AGENT_SERVICE, FLEET_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+        if config.metrics_listen is not None:
+            from scheduler.metrics import start_metrics_server
+
+            self._metrics_server, self.metrics_port = start_metrics_server(
+                config.metrics_listen, self.fleet, self.service
+            )
+        log.info(
+            "scheduler %s serving on port %d (%s), reports every %.2fs",
+            self.instance,
+            self.port,
+            "mTLS"
+            if config.tls and config.tls.client_ca_file
+            else "TLS"
+            if config.tls
+            else "plaintext",
+            config.report_interval_s,
+        )
+
+    async def _sweep_forever(self) -> None:
+        period = max(self.fleet.report_interval_s / 2, 0.05)
+        while True:
+            await asyncio.sleep(period)
+            for agent_id in self.fleet.sweep():
+                log.warning(
+                    "agent %s is gone: no report for %.1fs", agent_id, self.fleet.gone_after_s
+                )
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        if self._server is not None:
+            await self._server.stop(grace)

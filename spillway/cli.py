@@ -1,0 +1,196 @@
+"""The ``spillway`` command. Each subcommand imports what it needs only when it runs, so that
+``spillway agent run`` works on a node that has only the ``agent`` extra installed.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad input (config file, arguments, credentials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_agent_run(args: argparse.Namespace) -> int:
+    from agent.main import run_agent
+
+    asyncio.run(run_agent(args.config))
+    return 0
+
+
+def _cmd_scheduler_run(args: argparse.Namespace) -> int:
+    from scheduler.main import run_scheduler
+
+    asyncio.run(run_scheduler(args.config))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+    from rich.console import Console
+    from rich.live import Live
+
+    from agent.channel import read_token
+    from agent.config import ClientTls
+    from spillway.status import fetch_fleet, fleet_json, render
+
+    if args.token_file is None:
+        raise _BadInput("--token-file (or SPILLWAY_TOKEN_FILE) is required: an operator token")
+    token = read_token(args.token_file)
+    tls = (
+        ClientTls(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+        if args.ca_file
+        else None
+    )
+
+    async def once() -> object:
+        try:
+            return await fetch_fleet(args.scheduler, token, tls)
+        except grpc.aio.AioRpcError as exc:
+            raise _Failure(
+                f"scheduler {args.scheduler}: {exc.code().name}: {exc.details()}"
+            ) from exc
+
+    if args.json:
+        print(json.dumps(fleet_json(asyncio.run(once())), indent=2))  # type: ignore[arg-type]
+        return 0
+    console = Console() if sys.stdout.isatty() else Console(width=150)
+    if args.watch is None:
+        console.print(render(asyncio.run(once())))  # type: ignore[arg-type]
+        return 0
+
+    async def watch() -> None:
+        with Live(console=console, auto_refresh=False) as live:
+            while True:
+                live.update(render(await once()), refresh=True)  # type: ignore[arg-type]
+                await asyncio.sleep(args.watch)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(watch())
+    return 0
+
+
+def _cmd_token_new(args: argparse.Namespace) -> int:
+    from scheduler.auth import add_token
+
+    token = add_token(args.tokens_file, args.id, args.role)
+    if args.out is None:
+        print(token)
+    else:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+        print(f"wrote the token for {args.role} {args.id!r} to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from spillway.demo import run_demo
+
+    return run_demo(seconds=args.seconds)
+
+
+class _BadInput(Exception):
+    pass
+
+
+class _Failure(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spillway", description="Hybrid inference control plane.")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("SPILLWAY_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    agent = commands.add_parser("agent", help="the node agent").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    run = agent.add_parser("run", help="register with the scheduler and report capacity")
+    run.add_argument("--config", type=Path, required=True, help="agent config file (YAML)")
+    run.set_defaults(func=_cmd_agent_run)
+
+    sched = commands.add_parser("scheduler", help="the control plane").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    run = sched.add_parser("run", help="serve agents and operators")
+    run.add_argument("--config", type=Path, required=True, help="scheduler config file (YAML)")
+    run.set_defaults(func=_cmd_scheduler_run)
+
+    status = commands.add_parser("status", help="show the fleet as a running scheduler sees it")
+    status.add_argument(
+        "--scheduler",
+        default=os.environ.get("SPILLWAY_SCHEDULER", "127.0.0.1:50051"),
+        help="host:port (default: $SPILLWAY_SCHEDULER or 127.0.0.1:50051)",
+    )
+    env_token = os.environ.get("SPILLWAY_TOKEN_FILE")
+    status.add_argument(
+        "--token-file",
+        type=Path,
+        default=Path(env_token) if env_token else None,
+        help="operator token file (default: $SPILLWAY_TOKEN_FILE)",
+    )
+    status.add_argument("--ca-file", type=Path, help="CA that signed the scheduler's certificate")
+    status.add_argument("--cert-file", type=Path, help="client certificate, for mutual TLS")
+    status.add_argument("--key-file", type=Path, help="client key, for mutual TLS")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    status.add_argument("--json", action="store_true", help="print the fleet as JSON")
+    status.set_defaults(func=_cmd_status)
+
+    token = commands.add_parser("token", help="manage bearer tokens").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    new = token.add_parser(
+        "new",
+        help="create a token, store its hash in the tokens file (replacing an earlier token "
+        "of the same id and role) and print it once",
+    )
+    new.add_argument("--id", required=True, help="agent id (role agent) or operator name")
+    new.add_argument("--role", choices=["agent", "operator"], default="agent")
+    new.add_argument("--tokens-file", type=Path, required=True, help="the scheduler's tokens file")
+    new.add_argument("--out", type=Path, help="write the token to this file (mode 0600)")
+    new.set_defaults(func=_cmd_token_new)
+
+    demo = commands.add_parser("demo", help="a scheduler and two agents on loopback")
+    demo.add_argument("--seconds", type=float, default=20.0, help="how long to run")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    from spillway.configfile import InputError
+
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (_BadInput, InputError) as exc:
+        print(f"spillway: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except _Failure as exc:
+        print(f"spillway: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,133 @@
+"""``spillway status``: read the fleet from a running scheduler and show it as a table or JSON."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from agent.channel import auth_metadata, open_channel
+from agent.config import ClientTls
+from spillway.v1 import agent_pb2 as pb
+from spillway.v1 import agent_pb2_grpc as pb_grpc
+
+_REPLICA_STATE = {
+    pb.REPLICA_STATE_UNSPECIFIED: "unknown",
+    pb.REPLICA_STATE_STARTING: "starting",
+    pb.REPLICA_STATE_HEALTHY: "healthy",
+    pb.REPLICA_STATE_DRAINING: "draining",
+    pb.REPLICA_STATE_CRASH_LOOPING: "crash-looping",
+    pb.REPLICA_STATE_FAILED: "failed",
+    pb.REPLICA_STATE_STOPPED: "stopped",
+}
+_HEALTH_STYLE = {
+    pb.AGENT_HEALTH_CONNECTED: ("connected", "green"),
+    pb.AGENT_HEALTH_STALE: ("stale", "yellow"),
+}
+
+
+async def fetch_fleet(
+    address: str, token: str, tls: ClientTls | None, deadline_s: float = 10.0
+) -> pb.GetFleetResponse:
+    channel = open_channel(address, tls)
+    try:
+        stub = pb_grpc.FleetServiceStub(channel)
+        response: pb.GetFleetResponse = await stub.GetFleet(
+            pb.GetFleetRequest(), metadata=auth_metadata(token), timeout=deadline_s
+        )
+        return response
+    finally:
+        await channel.close(None)
+
+
+def fleet_json(fleet: pb.GetFleetResponse) -> dict[str, Any]:
+    return MessageToDict(fleet, preserving_proto_field_name=True)
+
+
+def _age(ts_seconds: float, now: float) -> str:
+    age = max(0.0, now - ts_seconds)
+    return f"{age:.1f}s ago" if age < 120 else f"{age / 60:.0f}m ago"
+
+
+def _gpu_summary(agent: pb.AgentStatus) -> tuple[str, str]:
+    """("free/total", "model") for an agent's GPUs."""
+    gpus = agent.registration.gpus
+    if not gpus:
+        return "0/0", "-"
+    report = agent.last_report
+    if agent.HasField("last_report"):
+        free = sum(1 for g in report.gpus if g.healthy and not g.replica_id)
+    else:
+        free = len(gpus)
+    models = sorted({g.model.removeprefix("NVIDIA ") for g in gpus})
+    return f"{free}/{len(gpus)}", ", ".join(models)
+
+
+def render(fleet: pb.GetFleetResponse, now: float | None = None) -> Group:
+    """A table of agents and, when any run, a table of replicas."""
+    now = time.time() if now is None else now
+    interval = fleet.report_interval.seconds + fleet.report_interval.nanos / 1e9
+    agents = Table(
+        title=f"Fleet: {len(fleet.agents)} agents, scheduler {fleet.scheduler_instance}, "
+        f"reports every {interval:g}s",
+        title_justify="left",
+    )
+    for column in ("AGENT", "POOL", "WHERE", "RESIDENCY", "GPUS FREE", "GPU MODEL", "REPLICAS"):
+        agents.add_column(column)
+    agents.add_column("RUN", justify="right")
+    agents.add_column("QUEUE", justify="right")
+    agents.add_column("HEALTH")
+    agents.add_column("LAST REPORT", justify="right")
+    replicas = Table(title="Replicas", title_justify="left")
+    for column in ("REPLICA", "AGENT", "DEPLOYMENT", "MODEL", "STATE", "GPUS", "PORT"):
+        replicas.add_column(column)
+    for column in ("RUN", "QUEUE", "KV", "TOK/S", "RESTARTS"):
+        replicas.add_column(column, justify="right")
+
+    for agent in fleet.agents:
+        reg = agent.registration
+        labels = reg.labels
+        where = "/".join(part for part in (labels.provider, labels.region, labels.zone) if part)
+        report = agent.last_report
+        healthy = sum(1 for r in report.replicas if r.state == pb.REPLICA_STATE_HEALTHY)
+        running = sum(r.load.running_requests for r in report.replicas)
+        queued = sum(r.load.queued_requests for r in report.replicas)
+        health, style = _HEALTH_STYLE.get(agent.health, ("unknown", "red"))
+        last = (
+            _age(agent.last_report_at.seconds + agent.last_report_at.nanos / 1e9, now)
+            if agent.HasField("last_report_at")
+            else "never"
+        )
+        agents.add_row(
+            reg.agent_id,
+            labels.pool,
+            where,
+            labels.residency_group or "-",
+            *_gpu_summary(agent),
+            f"{healthy}/{len(report.replicas)} healthy" if report.replicas else "-",
+            str(running),
+            str(queued),
+            Text(health, style=style),
+            last,
+        )
+        for r in report.replicas:
+            replicas.add_row(
+                r.replica_id,
+                reg.agent_id,
+                r.deployment,
+                r.model,
+                _REPLICA_STATE.get(r.state, "unknown")
+                + (f" ({r.state_reason})" if r.state_reason else ""),
+                ",".join(str(i) for i in r.gpu_indices),
+                str(r.port),
+                str(r.load.running_requests),
+                str(r.load.queued_requests),
+                f"{r.load.kv_cache_usage:.0%}",
+                f"{r.load.generation_tokens_per_second:.0f}",
+                str(r.restarts),
+            )
+    return Group(agents, replicas) if replicas.row_count else Group(agents)

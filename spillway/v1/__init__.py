@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for the spillway.v1 API. Do not edit."""
