@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +41,13 @@ _REPLICA_STATES = {
 }
 
 ReplicaSource = Callable[[], Sequence[ReplicaStatus]]
+
+
+def timestamp(unix_seconds: float) -> timestamp_pb2.Timestamp:
+    """A Timestamp from Unix seconds, exact to the nanosecond a float can carry."""
+    whole = math.floor(unix_seconds)
+    carry, nanos = divmod(round((unix_seconds - whole) * 1e9), 1_000_000_000)
+    return timestamp_pb2.Timestamp(seconds=whole + carry, nanos=nanos)
 
 
 def build_registration(
@@ -78,12 +86,10 @@ def build_report(
     now: float | None = None,
 ) -> pb.CapacityReport:
     owner = {index: r.replica_id for r in replicas for index in r.gpu_indices}
-    sent_at = timestamp_pb2.Timestamp()
-    sent_at.FromNanoseconds(time.time_ns() if now is None else int(now * 1e9))
     return pb.CapacityReport(
         agent_id=agent_id,
         sequence=sequence,
-        sent_at=sent_at,
+        sent_at=timestamp(time.time() if now is None else now),
         gpus=[
             pb.GpuState(
                 index=s.index,
@@ -118,7 +124,7 @@ def _replica(r: ReplicaStatus) -> pb.Replica:
         restarts=r.restarts,
     )
     if r.started_at is not None:
-        message.started_at.FromNanoseconds(int(r.started_at * 1e9))
+        message.started_at.CopyFrom(timestamp(r.started_at))
     return message
 
 

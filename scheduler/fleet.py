@@ -155,6 +155,7 @@ class FleetState:
         self._agents: dict[str, AgentRecord] = {}
         self.reports_total = 0
         self._recent: deque[float] = deque()  # monotonic arrival times within RATE_WINDOW_S
+        self._started = clock()
 
     def register(self, registration: Registration) -> AgentRecord:
         """Add an agent or replace its registration (it may have restarted with new GPUs)."""
@@ -216,7 +217,10 @@ class FleetState:
         return [PoolCapacity(pool, *counts) for pool, counts in sorted(totals.items())]
 
     def reports_per_second(self) -> float:
-        horizon = self._clock() - self.RATE_WINDOW_S
+        """Reports accepted per second over the last RATE_WINDOW_S (or since start, if less)."""
+        now = self._clock()
+        horizon = now - self.RATE_WINDOW_S
         while self._recent and self._recent[0] < horizon:
             self._recent.popleft()
-        return len(self._recent) / self.RATE_WINDOW_S
+        window = min(self.RATE_WINDOW_S, now - self._started)
+        return len(self._recent) / window if window > 0 else 0.0

@@ -177,10 +177,10 @@ def _seconds(ts: timestamp_pb2.Timestamp) -> float:
     return ts.seconds + ts.nanos / 1e9
 
 
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
+def _timestamp(unix_seconds: float) -> timestamp_pb2.Timestamp:
+    whole = math.floor(unix_seconds)
+    carry, nanos = divmod(round((unix_seconds - whole) * 1e9), 1_000_000_000)
+    return timestamp_pb2.Timestamp(seconds=whole + carry, nanos=nanos)
 
 
 def registration_to_pb(reg: Registration) -> pb.RegisterRequest:

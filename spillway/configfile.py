@@ -126,6 +126,8 @@ def _expected(err: Any) -> str:
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     given = err.get("input")
+    if kind == "value_error" and isinstance(given, dict | list):
+        return message  # a check across fields; the message says what is wrong
     if isinstance(given, dict | list):
         return f"{message} (got a {_kind(given)})"
     return f"{message} (got {given!r})"

@@ -1,0 +1,44 @@
+"""Pieces of the reporter that need no scheduler: message building and the backoff."""
+
+from __future__ import annotations
+
+import random
+
+from agent.gpus import GpuSample
+from agent.reporter import Backoff, build_report
+from agent.status import ReplicaState, ReplicaStatus
+from spillway.v1 import agent_pb2 as pb
+
+
+def test_report_marks_gpus_held_by_replicas() -> None:
+    replica = ReplicaStatus(
+        replica_id="r1",
+        deployment="d",
+        model="m",
+        runtime="simulated",
+        port=31000,
+        gpu_indices=(1, 2),
+        state=ReplicaState.CRASH_LOOPING,
+        state_reason="exit code 1, restart 4 in 30s",
+        restarts=4,
+    )
+    samples = [GpuSample(i, 0, 0.0, True) for i in range(4)]
+    report = build_report("node-a", 9, samples, [replica], now=1_700_000_000.25)
+    assert [g.replica_id for g in report.gpus] == ["", "r1", "r1", ""]
+    assert report.sequence == 9
+    assert report.sent_at.ToNanoseconds() == 1_700_000_000_250_000_000
+    (message,) = report.replicas
+    assert message.state == pb.REPLICA_STATE_CRASH_LOOPING
+    assert message.state_reason == "exit code 1, restart 4 in 30s"
+    assert not message.HasField("started_at")
+
+
+def test_backoff_grows_exponentially_is_jittered_and_capped() -> None:
+    backoff = Backoff(initial_s=0.5, max_s=30.0, rng=random.Random(7))
+    for attempt, ceiling in [(0, 0.5), (1, 1.0), (2, 2.0), (5, 16.0), (6, 30.0), (60, 30.0)]:
+        delays = [backoff.delay(attempt) for _ in range(200)]
+        assert all(0.0 <= d <= ceiling for d in delays)
+        assert max(delays) > 0.8 * ceiling  # spread over the whole range: real jitter
+        assert len({round(d, 6) for d in delays}) > 150
+    # Once the scheduler's interval is known, the wait never exceeds it.
+    assert all(backoff.delay(10, cap_s=2.0) <= 2.0 for _ in range(200))

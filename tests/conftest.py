@@ -1,0 +1,115 @@
+"""Shared fixtures: token files, agent configs, and schedulers serving real gRPC on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent.config import AgentConfig
+from scheduler.auth import add_token
+from scheduler.config import SchedulerConfig
+from scheduler.server import Scheduler
+
+
+class Tokens:
+    """A tokens file plus the clear-text tokens the test hands out."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.clear: dict[str, str] = {}
+
+    def add(self, principal: str, role: str = "agent") -> str:
+        token = add_token(self.path, principal, role)  # type: ignore[arg-type]
+        self.clear[principal] = token
+        return token
+
+    def write(self, principal: str, directory: Path) -> Path:
+        path = directory / f"{principal}.token"
+        path.write_text(self.clear[principal] + "\n")
+        return path
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> Tokens:
+    store = Tokens(tmp_path / "tokens.yaml")
+    for agent_id in ("node-a", "node-b"):
+        store.add(agent_id)
+    store.add("oncall", "operator")
+    return store
+
+
+def scheduler_config(tokens_file: Path, **overrides: Any) -> SchedulerConfig:
+    fields: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "metrics_listen": None,
+        "tokens_file": tokens_file,
+        "report_interval_s": 0.2,
+        "stale_after_intervals": 3,
+        "gone_after_intervals": 6,
+    }
+    fields.update(overrides)
+    return SchedulerConfig(**fields)
+
+
+SchedulerFactory = Callable[..., Awaitable[Scheduler]]
+
+
+@pytest.fixture
+async def start_scheduler(tokens: Tokens) -> AsyncIterator[SchedulerFactory]:
+    """Start in-process schedulers; every one is stopped when the test ends."""
+    started: list[Scheduler] = []
+
+    async def start(**overrides: Any) -> Scheduler:
+        scheduler = Scheduler(scheduler_config(tokens.path, **overrides))
+        await scheduler.start()
+        started.append(scheduler)
+        return scheduler
+
+    yield start
+    for scheduler in started:
+        await scheduler.stop(grace=0)
+
+
+def agent_config(
+    agent_id: str, address: str, token_file: Path, gpus: int = 8, **extra: Any
+) -> AgentConfig:
+    fields: dict[str, Any] = {
+        "agent_id": agent_id,
+        "scheduler": {"address": address, "token_file": token_file},
+        "labels": {
+            "pool": "reserved-eu",
+            "provider": "onprem",
+            "region": "eu-frankfurt",
+            "residency_group": "eu",
+        },
+        "gpus": {
+            "discovery": "static",
+            "static": [{"model": "NVIDIA H100 80GB HBM3", "memory_gib": 80, "count": gpus}],
+        },
+        "reconnect": {"initial_backoff_s": 0.05, "max_backoff_s": 0.5},
+    }
+    fields.update(extra)
+    return AgentConfig.model_validate(fields)
+
+
+def write_yaml(path: Path, data: Any) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+async def eventually(
+    check: Callable[[], object], within_s: float = 5.0, interval: float = 0.02
+) -> float:
+    """Wait until ``check()`` is truthy; return the seconds it took. Fails after ``within_s``."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > within_s:
+            raise AssertionError(f"condition not met within {within_s}s")
+        await asyncio.sleep(interval)
+    return time.monotonic() - start
