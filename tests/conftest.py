@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +113,16 @@ async def eventually(
             raise AssertionError(f"condition not met within {within_s}s")
         await asyncio.sleep(interval)
     return time.monotonic() - start
+
+
+@pytest.fixture(scope="session")
+def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """host:port of a real Temporal dev server shared by the whole test session."""
+    from tests.temporal import TemporalDevServer
+
+    server = TemporalDevServer(tmp_path_factory.mktemp("temporal"))
+    try:
+        server.wait_ready()
+        yield server.address
+    finally:
+        server.stop()
