@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from agent.config import ClientTls
-from spillway.configfile import InputError
+from spillway.configfile import CredentialError, read_secret
 
 # Detect a dead scheduler (or a half-open TCP connection) within ~15 s even when idle.
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
@@ -19,21 +19,6 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-
-
-class CredentialError(InputError):
-    """A token, certificate or key file is missing, unreadable or empty."""
-
-
-def read_secret(path: Path, what: str) -> bytes:
-    """Read a secret or certificate file; the error names the file, never its content."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CredentialError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
-    if not data.strip():
-        raise CredentialError(f"{path}: {what} file is empty")
-    return data
 
 
 def read_token(path: Path) -> str:

@@ -8,12 +8,12 @@ import signal
 import socket
 from pathlib import Path
 
-from agent.channel import CredentialError, read_token
+from agent.channel import read_token
 from agent.config import load_agent_config
 from agent.gpus import GpuDiscoveryError, discover
 from agent.reporter import Reporter
 from spillway import __version__
-from spillway.configfile import InputError
+from spillway.configfile import CredentialError, InputError
 
 log = logging.getLogger("agent")
 

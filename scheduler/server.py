@@ -21,7 +21,6 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent.channel import read_secret
 from scheduler.auth import Principal, TokenStore
 from scheduler.config import SchedulerConfig
 from scheduler.fleet import FleetState
@@ -31,6 +30,7 @@ from scheduler.messages import (
     registration_from_pb,
     report_from_pb,
 )
+from spillway.configfile import read_secret
 from spillway.v1 import agent_pb2 as pb
 
 log = logging.getLogger(__name__)

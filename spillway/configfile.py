@@ -1,4 +1,4 @@
-"""Load a YAML file a person wrote into a pydantic model, with errors a person can act on.
+"""Files a person provides: YAML config loaded into pydantic models, and secret files.
 
 Used by every config file Spillway reads (agent, scheduler, and later the policy file). Every
 problem is reported as ``FILE:LINE: FIELD: what was expected (got VALUE)``; values that came
@@ -34,6 +34,21 @@ class ConfigError(InputError):
         self.path = Path(path)
         self.problems = problems
         super().__init__("; ".join(problems))
+
+
+class CredentialError(InputError):
+    """A token, certificate or key file is missing, unreadable or empty."""
+
+
+def read_secret(path: Path, what: str) -> bytes:
+    """Read a secret or certificate file; the error names the file, never its content."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CredentialError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+    if not data.strip():
+        raise CredentialError(f"{path}: {what} file is empty")
+    return data
 
 
 def load_model(
