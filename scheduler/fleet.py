@@ -5,7 +5,10 @@ again within one report interval, because every agent re-registers and reports. 
 has not been heard from for ``stale_after`` intervals is *stale* (shown, but not trusted for
 placement); after ``gone_after`` intervals it is forgotten.
 
-Plain dataclasses only; protobuf stops at the gRPC server. No I/O.
+Plain dataclasses only; protobuf stops at the gRPC server. No I/O. The per-report types
+(``Report``, ``GpuState``, ``Replica``, ``ReplicaLoad``) are built for every report on the hot
+path and are not frozen, because frozen dataclasses cost about four times as much to construct;
+treat them as read-only all the same.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class Registration:
     task_queue: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GpuState:
     index: int
     memory_used_bytes: int
@@ -66,7 +69,7 @@ class ReplicaState(enum.Enum):
     STOPPED = "stopped"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReplicaLoad:
     running_requests: int
     queued_requests: int
@@ -75,7 +78,7 @@ class ReplicaLoad:
     cache_hit_rate: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Replica:
     replica_id: str
     deployment: str
@@ -90,7 +93,7 @@ class Replica:
     started_at: float | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Report:
     sequence: int
     sent_at: float  # Unix time, by the agent's clock

@@ -58,18 +58,6 @@ def _text(value: str, field: str, *, required: bool = False) -> str:
     return value
 
 
-def _fraction(value: float, field: str) -> float:
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise InvalidMessage(f"{field} must be between 0 and 1, got {value}")
-    return value
-
-
-def _rate(value: float, field: str) -> float:
-    if not (math.isfinite(value) and value >= 0.0):
-        raise InvalidMessage(f"{field} must be a finite number >= 0, got {value}")
-    return value
-
-
 def registration_from_pb(message: pb.RegisterRequest) -> Registration:
     if len(message.gpus) > MAX_GPUS:
         raise InvalidMessage(f"gpus lists {len(message.gpus)} GPUs; at most {MAX_GPUS}")
@@ -110,7 +98,10 @@ def registration_from_pb(message: pb.RegisterRequest) -> Registration:
 
 
 def report_from_pb(message: pb.CapacityReport, registration: Registration) -> Report:
-    """Check a report against the agent's registration and convert it."""
+    """Check a report against the agent's registration and convert it.
+
+    This runs for every report the scheduler receives, so the checks are written inline.
+    """
     inventory = len(registration.gpus)
     if len(message.gpus) > inventory:
         raise InvalidMessage(
@@ -120,17 +111,18 @@ def report_from_pb(message: pb.CapacityReport, registration: Registration) -> Re
         raise InvalidMessage(f"report lists more than {MAX_REPLICAS} replicas")
     gpus = []
     for n, g in enumerate(message.gpus):
-        if g.index >= inventory:
-            raise InvalidMessage(f"gpus[{n}].index {g.index} is not a registered GPU")
-        gpus.append(
-            GpuState(
-                index=g.index,
-                memory_used_bytes=g.memory_used_bytes,
-                utilization=_fraction(g.utilization, f"gpus[{n}].utilization"),
-                replica_id=_text(g.replica_id, f"gpus[{n}].replica_id"),
-                healthy=g.healthy,
+        index = g.index
+        utilization = g.utilization
+        replica_id = g.replica_id
+        if index >= inventory:
+            raise InvalidMessage(f"gpus[{n}].index {index} is not a registered GPU")
+        if not 0.0 <= utilization <= 1.0:  # also false for NaN
+            raise InvalidMessage(
+                f"gpus[{n}].utilization must be between 0 and 1, got {utilization}"
             )
-        )
+        if len(replica_id) > MAX_TEXT:
+            raise InvalidMessage(f"gpus[{n}].replica_id is longer than {MAX_TEXT} characters")
+        gpus.append(GpuState(index, g.memory_used_bytes, utilization, replica_id, g.healthy))
     replicas = []
     for n, r in enumerate(message.replicas):
         field = f"replicas[{n}]"
@@ -140,36 +132,46 @@ def report_from_pb(message: pb.CapacityReport, registration: Registration) -> Re
         state = _STATE_FROM_PB.get(r.state)
         if state is None:
             raise InvalidMessage(f"{field}.state has unknown value {r.state}")
+        replica_id, deployment, model = r.replica_id, r.deployment, r.model
+        runtime, reason = r.runtime, r.state_reason
+        if not replica_id:
+            raise InvalidMessage(f"{field}.replica_id is required")
+        if max(len(replica_id), len(deployment), len(model), len(runtime), len(reason)) > MAX_TEXT:
+            raise InvalidMessage(f"{field} has a text field longer than {MAX_TEXT} characters")
         load = r.load
+        kv, hits, tokens = (
+            load.kv_cache_usage,
+            load.cache_hit_rate,
+            load.generation_tokens_per_second,
+        )
+        if not 0.0 <= kv <= 1.0:
+            raise InvalidMessage(f"{field}.load.kv_cache_usage must be between 0 and 1, got {kv}")
+        if not 0.0 <= hits <= 1.0:
+            raise InvalidMessage(f"{field}.load.cache_hit_rate must be between 0 and 1, got {hits}")
+        if not 0.0 <= tokens < math.inf:
+            raise InvalidMessage(
+                f"{field}.load.generation_tokens_per_second must be a finite number >= 0, "
+                f"got {tokens}"
+            )
+        started = r.started_at
         replicas.append(
             Replica(
-                replica_id=_text(r.replica_id, f"{field}.replica_id", required=True),
-                deployment=_text(r.deployment, f"{field}.deployment"),
-                model=_text(r.model, f"{field}.model"),
-                runtime=_text(r.runtime, f"{field}.runtime"),
-                port=r.port,
-                gpu_indices=tuple(r.gpu_indices),
-                state=state,
-                state_reason=_text(r.state_reason, f"{field}.state_reason"),
-                load=ReplicaLoad(
-                    running_requests=load.running_requests,
-                    queued_requests=load.queued_requests,
-                    kv_cache_usage=_fraction(load.kv_cache_usage, f"{field}.load.kv_cache_usage"),
-                    generation_tokens_per_second=_rate(
-                        load.generation_tokens_per_second,
-                        f"{field}.load.generation_tokens_per_second",
-                    ),
-                    cache_hit_rate=_fraction(load.cache_hit_rate, f"{field}.load.cache_hit_rate"),
-                ),
-                restarts=r.restarts,
-                started_at=_seconds(r.started_at) if r.HasField("started_at") else None,
+                replica_id,
+                deployment,
+                model,
+                runtime,
+                r.port,
+                tuple(r.gpu_indices),
+                state,
+                reason,
+                ReplicaLoad(load.running_requests, load.queued_requests, kv, tokens, hits),
+                r.restarts,
+                started.seconds + started.nanos / 1e9 if r.HasField("started_at") else None,
             )
         )
+    sent_at = message.sent_at
     return Report(
-        sequence=message.sequence,
-        sent_at=_seconds(message.sent_at),
-        gpus=tuple(gpus),
-        replicas=tuple(replicas),
+        message.sequence, sent_at.seconds + sent_at.nanos / 1e9, tuple(gpus), tuple(replicas)
     )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from scheduler.fleet import AgentHealth, FleetState
@@ -59,6 +59,13 @@ class FleetCollector(Collector):
             total.add_metric([pool.pool], pool.gpus_total)
         yield free
         yield total
+        delay = self._service.report_delay
+        yield HistogramMetricFamily(
+            "spillway_report_delay_seconds",
+            "From a report's sent_at (agent clock) until it is applied to fleet state.",
+            buckets=delay.cumulative(),
+            sum_value=delay.total,
+        )
         rejected = CounterMetricFamily(
             "spillway_rejected_calls", "Calls refused, by gRPC status code.", labels=["code"]
         )

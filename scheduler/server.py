@@ -9,7 +9,9 @@ the limit are refused by the transport itself with RESOURCE_EXHAUSTED.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +38,10 @@ from spillway.v1 import agent_pb2 as pb
 log = logging.getLogger(__name__)
 
 AGENT_SERVICE = "spillway.v1.AgentService"
+# Acknowledge the first report of a stream and then every ACK_EVERY-th. An acknowledgement per
+# report would cost the scheduler about a quarter of its time per report, for nothing: gRPC
+# already tells the agent when the stream breaks.
+ACK_EVERY = 10
 FLEET_SERVICE = "spillway.v1.FleetService"
 MessageT = TypeVar("MessageT", bound=Message)
 
@@ -59,6 +65,32 @@ def lenient_decoder(cls: type[MessageT], max_bytes: int) -> Callable[[bytes], Me
     return decode
 
 
+class DelayHistogram:
+    """Seconds from a report's ``sent_at`` (the agent's clock) to its arrival in fleet state.
+
+    Cumulative-bucket counts in the Prometheus style, kept by hand because this runs for every
+    report and needs no lock: it is only written from the event loop.
+    """
+
+    BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound, count of observations <= it), ending with +Inf."""
+        out, running = [], 0
+        for bound, count in zip((*map(str, self.BOUNDS), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
 def _duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(int(seconds * 1e9))
@@ -74,6 +106,7 @@ class SchedulerService:
         self.instance = instance
         self.rejected: Counter[str] = Counter()  # by status code name
         self.open_streams = 0
+        self.report_delay = DelayHistogram()
 
     async def _reject(
         self, context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, detail: str
@@ -142,13 +175,15 @@ class SchedulerService:
     ) -> AsyncIterator[pb.ReportAck]:
         principal = await self._principal(context, "agent")
         interval = _duration(self.fleet.report_interval_s)
+        accepted = 0
         self.open_streams += 1
         try:
             async for request in requests:
                 if isinstance(request, Malformed):
                     await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
                     return
-                await self._check_identity(context, principal, request.agent_id)
+                if request.agent_id != principal.id:
+                    await self._check_identity(context, principal, request.agent_id)
                 record = self.fleet.get(request.agent_id)
                 if record is None:
                     await self._reject(
@@ -163,7 +198,10 @@ class SchedulerService:
                     await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                     return
                 self.fleet.apply(request.agent_id, report)
-                yield pb.ReportAck(sequence=request.sequence, report_interval=interval)
+                self.report_delay.observe(time.time() - report.sent_at)
+                if accepted % ACK_EVERY == 0:
+                    yield pb.ReportAck(sequence=request.sequence, report_interval=interval)
+                accepted += 1
         finally:
             self.open_streams -= 1
 

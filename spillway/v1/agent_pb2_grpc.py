@@ -61,8 +61,9 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Report(self, request_iterator, context):
-        """Report is the long-lived stream of capacity reports. The scheduler answers every report
-        with an acknowledgement that carries the interval it wants reports at.
+        """Report is the long-lived stream of capacity reports. The scheduler acknowledges the first
+        report of a stream and then every tenth, each acknowledgement carrying the interval it wants
+        reports at; an acknowledgement for report N means every report up to N was applied.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,8 +43,9 @@ class AgentServiceStub:
     Register: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RegisterRequest, _agent_pb2.RegisterResponse]
     """Register announces (or re-announces, after any disconnect) an agent and its GPU inventory."""
     Report: _grpc.StreamStreamMultiCallable[_agent_pb2.CapacityReport, _agent_pb2.ReportAck]
-    """Report is the long-lived stream of capacity reports. The scheduler answers every report
-    with an acknowledgement that carries the interval it wants reports at.
+    """Report is the long-lived stream of capacity reports. The scheduler acknowledges the first
+    report of a stream and then every tenth, each acknowledgement carrying the interval it wants
+    reports at; an acknowledgement for report N means every report up to N was applied.
     """
 
 @_typing.type_check_only
@@ -57,8 +58,9 @@ class AgentServiceAsyncStub(AgentServiceStub):
     Register: _aio.UnaryUnaryMultiCallable[_agent_pb2.RegisterRequest, _agent_pb2.RegisterResponse]  # type: ignore[assignment]
     """Register announces (or re-announces, after any disconnect) an agent and its GPU inventory."""
     Report: _aio.StreamStreamMultiCallable[_agent_pb2.CapacityReport, _agent_pb2.ReportAck]  # type: ignore[assignment]
-    """Report is the long-lived stream of capacity reports. The scheduler answers every report
-    with an acknowledgement that carries the interval it wants reports at.
+    """Report is the long-lived stream of capacity reports. The scheduler acknowledges the first
+    report of a stream and then every tenth, each acknowledgement carrying the interval it wants
+    reports at; an acknowledgement for report N means every report up to N was applied.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -80,8 +82,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_agent_pb2.CapacityReport],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.ReportAck], _abc.AsyncIterator[_agent_pb2.ReportAck]]:
-        """Report is the long-lived stream of capacity reports. The scheduler answers every report
-        with an acknowledgement that carries the interval it wants reports at.
+        """Report is the long-lived stream of capacity reports. The scheduler acknowledges the first
+        report of a stream and then every tenth, each acknowledgement carrying the interval it wants
+        reports at; an acknowledgement for report N means every report up to N was applied.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -360,3 +360,20 @@ async def test_metrics_endpoint(
     assert float(total.split()[1]) >= 6
     rate = next(line for line in lines if line.startswith("spillway_reports_per_second "))
     assert float(rate.split()[1]) > 0
+    delays = next(line for line in lines if line.startswith("spillway_report_delay_seconds_count"))
+    assert float(delays.split()[1]) == float(total.split()[1])
+    assert any(line.startswith('spillway_report_delay_seconds_bucket{le="0.1"}') for line in lines)
+
+
+async def test_acknowledgements_are_sparse_and_in_order(
+    start_scheduler: SchedulerFactory, tokens: Tokens
+) -> None:
+    scheduler = await start_scheduler()
+    await _register(scheduler.port, registration("node-a"), tokens.clear["node-a"])
+    reports = [build_report("node-a", n, [], []) for n in range(1, 26)]
+    acks = await _stream(scheduler.port, tokens.clear["node-a"], reports)
+    assert [ack.sequence for ack in acks] == [1, 11, 21]
+    assert all(ack.report_interval.ToNanoseconds() == 200_000_000 for ack in acks)
+    assert scheduler.fleet.get("node-a").reports_received == 25  # type: ignore[union-attr]
+    buckets = dict(scheduler.service.report_delay.cumulative())
+    assert buckets["+Inf"] == 25

@@ -58,7 +58,14 @@ async def _reports_ok(
     )
     task = asyncio.create_task(reporter.run())
     try:
-        await eventually(lambda: reporter.reports_acked >= 2, within_s=5)
+        await eventually(
+            lambda: (
+                reporter.reports_acked >= 1
+                and (record := scheduler.fleet.get("node-a")) is not None
+                and record.reports_received >= 2
+            ),
+            within_s=5,
+        )
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
