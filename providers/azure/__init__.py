@@ -1,0 +1,6 @@
+"""Azure Compute: the adapter and its pure request builders (SDK imported lazily)."""
+
+from providers.azure.adapter import AzureProvider
+from providers.azure.build import AzureNetwork
+
+__all__ = ["AzureNetwork", "AzureProvider"]
