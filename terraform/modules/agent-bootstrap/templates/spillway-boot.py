@@ -1,0 +1,389 @@
+#!/usr/bin/env python3
+"""Boot helper for a Spillway agent machine, run by cloud-init and by systemd.
+
+``install`` (systemd, as root, before every start of ``spillway-agent.service``; does nothing
+once the agent is installed): create ``/opt/spillway/venv`` and install ``spillway[agent]`` from
+the wheel URL or the package index named in ``/etc/spillway/bootstrap.json``.
+
+``prepare`` (systemd, as root, after ``install`` before every start): copy the
+agent's bearer token from the file or cloud secret store named in ``bootstrap.json`` to
+``/run/spillway/token`` (tmpfs, mode 0400, owned by the agent's user), and write
+``/run/spillway/agent.yaml``: ``/etc/spillway/agent.yaml`` completed with this machine's
+identity (agent id, instance id, zone) from the cloud's metadata service.
+
+This file is embedded in the cloud-init user data that both the ``agent-bootstrap`` Terraform
+module and ``providers.bootstrap`` render, so it uses the standard library only (it runs before
+the agent is installed). It must never print, log or persist the token outside ``/run``, and it
+must not accept a token value from its settings: only a reference to where the token lives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import hashlib
+import hmac
+import json
+import os
+import pwd
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+SETTINGS = Path("/etc/spillway/bootstrap.json")
+CONFIG = Path("/etc/spillway/agent.yaml")
+RUN_DIR = Path("/run/spillway")
+VENV = Path("/opt/spillway/venv")
+USER = "spillway"
+AGENT_ID = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+ATTEMPTS = 6
+
+
+class BootError(Exception):
+    """Something this machine needs is missing; the message says what, never a secret."""
+
+
+def _http(
+    url: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> bytes:
+    """One HTTP request with retries: metadata and IAM are often not ready at first boot."""
+    delay = 1.0
+    for attempt in range(ATTEMPTS):
+        request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                data: bytes = response.read()
+                return data
+        except urllib.error.HTTPError as exc:
+            retryable = exc.code in (403, 404, 429) or exc.code >= 500
+            if not retryable or attempt == ATTEMPTS - 1:
+                raise BootError(f"{method} {url}: HTTP {exc.code}") from exc
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            if attempt == ATTEMPTS - 1:
+                raise BootError(f"{method} {url}: {exc}") from exc
+        time.sleep(delay)
+        delay = min(delay * 2, 15.0)
+    raise BootError(f"{method} {url}: no answer")  # pragma: no cover - loop always returns
+
+
+def _json(data: bytes) -> Any:
+    return json.loads(data.decode("utf-8"))
+
+
+# --- AWS: IMDSv2, and Secrets Manager signed with Signature Version 4 -----------------------
+
+AWS_IMDS = "http://169.254.169.254/latest"
+
+
+def _aws_imds(path: str) -> str:
+    token = _http(
+        f"{AWS_IMDS}/api/token",
+        method="PUT",
+        headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"},
+    ).decode()
+    return _http(f"{AWS_IMDS}/{path}", headers={"X-aws-ec2-metadata-token": token}).decode()
+
+
+def sigv4_headers(
+    *,
+    host: str,
+    region: str,
+    service: str,
+    target: str,
+    body: bytes,
+    access_key: str,
+    secret_key: str,
+    session_token: str | None,
+    now: datetime.datetime,
+) -> dict[str, str]:
+    """Headers for a signed AWS JSON-1.1 POST to ``https://host/`` (Signature Version 4)."""
+    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+    day = now.strftime("%Y%m%d")
+    headers = {
+        "content-type": "application/x-amz-json-1.1",
+        "host": host,
+        "x-amz-date": amz_date,
+        "x-amz-target": target,
+    }
+    if session_token:
+        headers["x-amz-security-token"] = session_token
+    names = sorted(headers)
+    canonical = "\n".join(
+        [
+            "POST",
+            "/",
+            "",
+            "".join(f"{name}:{headers[name].strip()}\n" for name in names),
+            ";".join(names),
+            hashlib.sha256(body).hexdigest(),
+        ]
+    )
+    scope = f"{day}/{region}/{service}/aws4_request"
+    to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
+    key = f"AWS4{secret_key}".encode()
+    for part in (day, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, "
+        f"SignedHeaders={';'.join(names)}, Signature={signature}"
+    )
+    return headers
+
+
+def _aws_secret(arn: str) -> str:
+    parts = arn.split(":")
+    if len(parts) < 7 or parts[2] != "secretsmanager":
+        raise BootError(f"token_source.ref {arn!r} is not a Secrets Manager secret ARN")
+    region = parts[3]
+    role = _aws_imds("meta-data/iam/security-credentials/").split()[0]
+    creds = json.loads(_aws_imds(f"meta-data/iam/security-credentials/{role}"))
+    host = f"secretsmanager.{region}.amazonaws.com"
+    body = json.dumps({"SecretId": arn}).encode()
+    headers = sigv4_headers(
+        host=host,
+        region=region,
+        service="secretsmanager",
+        target="secretsmanager.GetSecretValue",
+        body=body,
+        access_key=creds["AccessKeyId"],
+        secret_key=creds["SecretAccessKey"],
+        session_token=creds.get("Token"),
+        now=datetime.datetime.now(datetime.UTC),
+    )
+    answer = _json(_http(f"https://{host}/", method="POST", headers=headers, body=body))
+    secret = answer.get("SecretString")
+    if not isinstance(secret, str):
+        raise BootError(f"secret {arn} has no SecretString")
+    return secret
+
+
+def _aws_identity() -> dict[str, str]:
+    return {
+        "instance_id": _aws_imds("meta-data/instance-id"),
+        "zone": _aws_imds("meta-data/placement/availability-zone"),
+    }
+
+
+# --- GCP: the metadata server and Secret Manager ---------------------------------------------
+
+GCP_METADATA = "http://metadata.google.internal/computeMetadata/v1"
+
+
+def _gcp_metadata(path: str) -> str:
+    return _http(f"{GCP_METADATA}/{path}", headers={"Metadata-Flavor": "Google"}).decode()
+
+
+def _gcp_secret(name: str) -> str:
+    if not re.match(r"^projects/[^/]+/secrets/[^/]+(/versions/[^/]+)?$", name):
+        raise BootError(f"token_source.ref {name!r} is not projects/P/secrets/S[/versions/V]")
+    if "/versions/" not in name:
+        name += "/versions/latest"
+    token = json.loads(_gcp_metadata("instance/service-accounts/default/token"))["access_token"]
+    answer = _json(
+        _http(
+            f"https://secretmanager.googleapis.com/v1/{name}:access",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    )
+    return base64.b64decode(answer["payload"]["data"]).decode("utf-8")
+
+
+def _gcp_identity() -> dict[str, str]:
+    return {
+        "instance_id": _gcp_metadata("instance/name"),
+        "zone": _gcp_metadata("instance/zone").rsplit("/", 1)[-1],
+    }
+
+
+# --- Azure: IMDS, a managed identity, and Key Vault ------------------------------------------
+
+AZURE_IMDS = "http://169.254.169.254/metadata"
+
+
+def _azure_secret(url: str, client_id: str) -> str:
+    if not re.match(r"^https://[a-z0-9-]+\.vault\.azure\.net/secrets/[^/?#]+(/[^/?#]+)?$", url):
+        raise BootError(f"token_source.ref {url!r} is not https://VAULT.vault.azure.net/secrets/N")
+    query = {"api-version": "2018-02-01", "resource": "https://vault.azure.net"}
+    if client_id:
+        query["client_id"] = client_id
+    token = _json(
+        _http(
+            f"{AZURE_IMDS}/identity/oauth2/token?{urllib.parse.urlencode(query)}",
+            headers={"Metadata": "true"},
+        )
+    )["access_token"]
+    answer = _json(_http(f"{url}?api-version=7.4", headers={"Authorization": f"Bearer {token}"}))
+    return str(answer["value"])
+
+
+def _azure_identity() -> dict[str, str]:
+    compute = _json(
+        _http(
+            f"{AZURE_IMDS}/instance/compute?api-version=2021-02-01",
+            headers={"Metadata": "true"},
+        )
+    )
+    zone = str(compute.get("zone") or "")
+    return {
+        "instance_id": str(compute["name"]),
+        "zone": f"{compute['location']}-{zone}" if zone else "",
+    }
+
+
+# --- the two commands ------------------------------------------------------------------------
+
+
+def read_token(settings: dict[str, Any]) -> str:
+    """The agent token from wherever ``settings['token_source']`` says it lives."""
+    source = settings["token_source"]
+    kind, ref = source["kind"], source["ref"]
+    if kind == "file":
+        try:
+            token = Path(ref).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise BootError(f"cannot read the agent token file {ref}: {exc.strerror}") from exc
+    elif kind == "aws-secretsmanager":
+        token = _aws_secret(ref)
+    elif kind == "gcp-secretmanager":
+        token = _gcp_secret(ref)
+    elif kind == "azure-keyvault":
+        token = _azure_secret(ref, settings.get("identity_client_id") or "")
+    else:
+        raise BootError(f"token_source.kind {kind!r} is not supported")
+    token = token.strip()
+    if not token or any(ch.isspace() for ch in token):
+        raise BootError(f"the agent token in {kind} {ref} is empty or not a single word")
+    return token
+
+
+def machine_identity(cloud: str) -> dict[str, str]:
+    """This machine's instance id and zone, from the cloud's metadata service."""
+    if cloud == "aws":
+        return _aws_identity()
+    if cloud == "gcp":
+        return _gcp_identity()
+    if cloud == "azure":
+        return _azure_identity()
+    return {}
+
+
+def agent_id_for(base: str, instance_id: str) -> str:
+    """``base-instance`` in the agent id alphabet, at most 63 characters."""
+    suffix = re.sub(r"[^a-z0-9._-]+", "-", instance_id.lower()).strip("._-")
+    agent_id = f"{base}-{suffix}"[:63].rstrip("._-") if suffix else base
+    if not AGENT_ID.match(agent_id):
+        raise BootError(f"cannot make an agent id from {base!r} and {instance_id!r}")
+    return agent_id
+
+
+def complete_config(
+    config: dict[str, Any], settings: dict[str, Any], identity: dict[str, str], token_file: Path
+) -> dict[str, Any]:
+    """The agent config with this machine's identity and the runtime token file filled in."""
+    config = json.loads(json.dumps(config))
+    labels = config["labels"]
+    if identity.get("instance_id"):
+        labels["instance_id"] = identity["instance_id"]
+        if settings.get("append_instance_id"):
+            config["agent_id"] = agent_id_for(config["agent_id"], identity["instance_id"])
+    if identity.get("zone") and not labels.get("zone"):
+        labels["zone"] = identity["zone"]
+    config["scheduler"]["token_file"] = str(token_file)
+    return config
+
+
+def _write_private(path: Path, text: str, mode: int, uid: int, gid: int) -> None:
+    """Write ``path`` atomically; it is never readable by anyone but root and ``uid``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode("utf-8"))
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def prepare(settings_path: Path, config_path: Path, run_dir: Path, user: str) -> None:
+    settings = json.loads(settings_path.read_text(encoding="utf-8"))
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    entry = pwd.getpwnam(user)
+    run_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    token_file = run_dir / "token"
+    _write_private(token_file, read_token(settings) + "\n", 0o400, entry.pw_uid, entry.pw_gid)
+    if settings.get("scheduler_ca_pem"):
+        ca_file = run_dir / "scheduler-ca.pem"
+        _write_private(ca_file, settings["scheduler_ca_pem"], 0o444, entry.pw_uid, entry.pw_gid)
+    identity = machine_identity(config["labels"]["provider"])
+    complete = complete_config(config, settings, identity, token_file)
+    text = json.dumps(complete, indent=2, sort_keys=True) + "\n"
+    _write_private(run_dir / "agent.yaml", text, 0o440, entry.pw_uid, entry.pw_gid)
+
+
+def pip_command(package: dict[str, str], venv: Path) -> list[str]:
+    """The pip command line that installs the agent as ``package`` says."""
+    requirement = "spillway[agent]"
+    if package.get("wheel_url"):
+        requirement = f"spillway[agent] @ {package['wheel_url']}"
+    elif package.get("version"):
+        requirement = f"spillway[agent]=={package['version']}"
+    command = [str(venv / "bin" / "pip"), "install", "--no-input", "--upgrade"]
+    if package.get("index_url"):
+        command += ["--index-url", package["index_url"]]
+    return [*command, requirement]
+
+
+def install(settings_path: Path, venv: Path) -> None:
+    if (venv / "bin" / "spillway").exists():
+        return
+    settings = json.loads(settings_path.read_text(encoding="utf-8"))
+    command = pip_command(settings["package"], venv)
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    delay = 5.0
+    for attempt in range(ATTEMPTS):
+        if subprocess.run(command, check=False).returncode == 0:
+            return
+        if attempt < ATTEMPTS - 1:
+            time.sleep(delay)
+            delay = min(delay * 2, 60.0)
+    raise BootError(f"pip could not install {command[-1]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spillway-boot", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["install", "prepare"])
+    parser.add_argument("--settings", type=Path, default=SETTINGS)
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--run-dir", type=Path, default=RUN_DIR)
+    parser.add_argument("--venv", type=Path, default=VENV)
+    parser.add_argument("--user", default=USER)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "install":
+            install(args.settings, args.venv)
+        else:
+            prepare(args.settings, args.config, args.run_dir, args.user)
+    except (BootError, OSError, KeyError, ValueError, subprocess.CalledProcessError) as exc:
+        print(f"spillway-boot {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

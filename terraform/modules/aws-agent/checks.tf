@@ -1,0 +1,9 @@
+# Checks that span two variables (Terraform 1.0 validation blocks can only see their own).
+# A failed check stops the plan with its message: tobool refuses any string but true/false.
+locals {
+  input_problems = compact([
+    contains(var.allowed_regions, var.region) ? "" : "region ${var.region} is not in allowed_regions [${join(", ", var.allowed_regions)}]: set region to one of them or extend allowed_regions",
+    var.desired_capacity <= var.max_size ? "" : "desired_capacity ${var.desired_capacity} is above max_size ${var.max_size}: raise max_size",
+  ])
+  inputs_checked = length(local.input_problems) == 0 ? true : tobool(join("; ", local.input_problems))
+}
