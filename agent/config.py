@@ -7,6 +7,7 @@ read from ``scheduler.token_file``.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -100,12 +101,103 @@ class Reconnect(Strict):
         return self
 
 
+RUNTIMES = Literal["sglang", "simulated"]
+
+
+class RuntimeSettings(Strict):
+    """How replicas are run and watched on this node."""
+
+    default: RUNTIMES = Field(default="sglang", description="Runtime of replicas that name none.")
+    host: str = Field(default="0.0.0.0", min_length=1, description="Where replicas listen.")
+    port_range: tuple[int, int] = Field(
+        default=(30000, 30999), description="Ports picked for replicas that name none."
+    )
+    python: str | None = Field(default=None, description="Interpreter that launches replicas.")
+    health_interval_s: float = Field(default=2.0, gt=0, le=60)
+    health_failures: int = Field(
+        default=3, ge=1, le=100, description="Consecutive failed checks before a restart."
+    )
+    start_timeout_s: float = Field(default=900.0, gt=0, le=86400)
+    stop_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    drain_timeout_s: float = Field(default=600.0, gt=0, le=86400)
+    restart_backoff_initial_s: float = Field(default=1.0, gt=0, le=3600)
+    restart_backoff_max_s: float = Field(default=60.0, gt=0, le=86400)
+    crash_loop_restarts: int = Field(default=3, ge=1, le=1000)
+    crash_loop_window_s: float = Field(default=300.0, gt=0, le=86400)
+    on_exit: Literal["keep", "stop"] = Field(
+        default="keep", description="keep: replicas outlive the agent and are adopted later."
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> RuntimeSettings:
+        first, last = self.port_range
+        if not 0 < first <= last < 65536:
+            raise ValueError("port_range must be [first, last] with 0 < first <= last < 65536")
+        if self.restart_backoff_max_s < self.restart_backoff_initial_s:
+            raise ValueError("restart_backoff_max_s must be at least restart_backoff_initial_s")
+        return self
+
+
+class ReplicaEntry(Strict):
+    """A replica this agent starts by itself (workflows start the others)."""
+
+    replica_id: str = Field(pattern=AGENT_ID_PATTERN)
+    deployment: str = Field(min_length=1, max_length=128)
+    model_path: Path = Field(description="Local directory with the weights.")
+    served_model_name: str = Field(default="", max_length=256)
+    runtime: RUNTIMES | None = None
+    gpus: list[int] = Field(default_factory=list, description="GPU indices, e.g. [0, 1].")
+    port: int = Field(default=0, ge=0, le=65535, description="0: pick a free port.")
+    mem_fraction_static: float | None = Field(default=None, gt=0, lt=1)
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class TemporalEndpoint(Strict):
+    """Where the node worker polls for actions; without it the agent only reports."""
+
+    address: str = Field(description="host:port of the Temporal frontend.")
+    namespace: str = Field(default="default", min_length=1)
+
+    _check_address = field_validator("address")(check_host_port)
+
+
+def default_state_dir(agent_id: str) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "spillway" / agent_id
+
+
 class AgentConfig(Strict):
     agent_id: str = Field(pattern=AGENT_ID_PATTERN, description="Unique id of this agent.")
     scheduler: SchedulerEndpoint
     labels: Labels
     gpus: GpuDiscovery = Field(default_factory=GpuDiscovery)
     reconnect: Reconnect = Field(default_factory=Reconnect)
+    state_dir: Path | None = Field(
+        default=None, description="Replica state and logs; default ~/.local/state/spillway/ID."
+    )
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    replicas: list[ReplicaEntry] = Field(default_factory=list)
+    temporal: TemporalEndpoint | None = None
+
+    @model_validator(mode="after")
+    def _replicas_apart(self) -> AgentConfig:
+        ids: set[str] = set()
+        owner: dict[int, str] = {}
+        for entry in self.replicas:
+            if entry.replica_id in ids:
+                raise ValueError(f"replica id {entry.replica_id} appears twice in replicas")
+            ids.add(entry.replica_id)
+            for gpu in entry.gpus:
+                if gpu in owner:
+                    raise ValueError(
+                        f"GPU {gpu} is given to both {owner[gpu]} and {entry.replica_id}"
+                    )
+                owner[gpu] = entry.replica_id
+        return self
+
+    @property
+    def replica_state_dir(self) -> Path:
+        return self.state_dir or default_state_dir(self.agent_id)
 
     @property
     def task_queue(self) -> str:
@@ -125,4 +217,7 @@ def load_agent_config(path: Path | str) -> AgentConfig:
         tls.ca_file = resolve_path(base, tls.ca_file) or tls.ca_file
         tls.cert_file = resolve_path(base, tls.cert_file)
         tls.key_file = resolve_path(base, tls.key_file)
+    config.state_dir = resolve_path(base, config.state_dir)
+    for entry in config.replicas:
+        entry.model_path = resolve_path(base, entry.model_path) or entry.model_path
     return config

@@ -4,12 +4,18 @@ Everything runs as real processes talking real gRPC: the same ``spillway schedul
 ``spillway agent run`` an operator would start, with tokens and config files written to a
 temporary directory. Half-way through, one agent is stopped (it turns stale) and started again
 (it re-registers), so the table shows the scheduler following the fleet.
+
+Each agent runs one replica of the ``simulated`` runtime (a real HTTP server speaking SGLang's
+API, paced like the agent's GPU model), and the demo sends it a modest stream of chat requests,
+so the replica table shows running and queued requests, KV-cache use and tokens/s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import logging
 import socket
 import subprocess
 import sys
@@ -29,6 +35,8 @@ from scheduler.auth import add_token
 from spillway.status import fetch_fleet, render
 
 REPORT_INTERVAL_S = 1.0
+CLIENTS_PER_REPLICA = 12  # concurrent chat clients: more than the replica runs at once
+MAX_RUNNING_REQUESTS = 8
 
 AGENTS: dict[str, dict[str, Any]] = {
     "reserved-eu-1": {
@@ -75,6 +83,7 @@ class DemoFiles:
     agent_configs: dict[str, Path]
     operator_token: Path
     address: str
+    replica_urls: dict[str, str]
 
 
 def write_demo_files(root: Path) -> DemoFiles:
@@ -98,19 +107,49 @@ def write_demo_files(root: Path) -> DemoFiles:
     operator_token = root / "operator.token"
     operator_token.write_text(add_token(tokens, "demo-operator", "operator") + "\n")
     configs: dict[str, Path] = {}
+    urls: dict[str, str] = {}
+    model = root / "models" / "llama-3.1-8b-instruct"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}\n')
     for agent_id, spec in AGENTS.items():
         token_file = root / f"{agent_id}.token"
         token_file.write_text(add_token(tokens, agent_id, "agent") + "\n")
+        replica_port = _free_port()
+        urls[agent_id] = f"http://127.0.0.1:{replica_port}"
         config = {
             "agent_id": agent_id,
             "scheduler": {"address": address, "token_file": token_file.name},
             "reconnect": {"initial_backoff_s": 0.2, "max_backoff_s": 2.0},
+            "state_dir": f"{agent_id}-state",
+            "runtime": {
+                "default": "simulated",
+                "host": "127.0.0.1",
+                "health_interval_s": 0.25,
+                "stop_timeout_s": 3,
+                "on_exit": "stop",
+            },
+            "replicas": [
+                {
+                    "replica_id": f"{agent_id}-chat-0",
+                    "deployment": "chat",
+                    "model_path": str(model.relative_to(root)),
+                    "served_model_name": "llama-3.1-8b",
+                    "gpus": [0],
+                    "port": replica_port,
+                    "extra_args": [
+                        "--warmup-s",
+                        "0.5",
+                        "--max-running-requests",
+                        str(MAX_RUNNING_REQUESTS),
+                    ],
+                }
+            ],
             **spec,
         }
         path = root / f"{agent_id}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         configs[agent_id] = path
-    return DemoFiles(root, scheduler_config, configs, operator_token, address)
+    return DemoFiles(root, scheduler_config, configs, operator_token, address, urls)
 
 
 class Processes:
@@ -154,6 +193,41 @@ async def _wait_for_scheduler(address: str, token: str, deadline: float) -> None
             await asyncio.sleep(0.1)
 
 
+@dataclass
+class Load:
+    """Counts of the chat requests the demo sends to the replicas."""
+
+    sent: int = 0
+    done: int = 0
+    refused: int = 0  # replica not up (starting, or its agent stopped): tried again later
+
+
+async def _chat_client(url: str, client_id: int, load: Load) -> None:
+    """One user: a chat request, wait for the answer, and again; lengths vary per request."""
+    import httpx
+
+    lengths = itertools.cycle((48, 96, 160, 64, 128, 224))
+    for _ in range(client_id):
+        next(lengths)
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        while True:
+            body = {
+                "model": "llama-3.1-8b",
+                "messages": [{"role": "user", "content": "Summarise the news. " * 20}],
+                "max_tokens": next(lengths),
+            }
+            load.sent += 1
+            try:
+                response = await http.post("/v1/chat/completions", json=body)
+            except httpx.HTTPError:
+                response = None
+            if response is not None and response.status_code == 200:
+                load.done += 1
+            else:
+                load.refused += 1
+                await asyncio.sleep(0.5)
+
+
 async def _run(files: DemoFiles, procs: Processes, seconds: float, console: Console) -> int:
     token = read_token(files.operator_token)
     procs.start("scheduler", "scheduler", "run", "--config", str(files.scheduler_config))
@@ -166,7 +240,37 @@ async def _run(files: DemoFiles, procs: Processes, seconds: float, console: Cons
         (0.35 * seconds, f"stopping agent {victim}: watch it turn stale", "stop"),
         (0.65 * seconds, f"starting agent {victim} again: it re-registers", "start"),
     ]
-    events: list[str] = ["started the scheduler and 2 agents"]
+    events: list[str] = [
+        f"started the scheduler and 2 agents, each running one simulated replica; "
+        f"{CLIENTS_PER_REPLICA} chat clients per replica"
+    ]
+    load = Load()
+    clients = [
+        asyncio.create_task(_chat_client(url, i, load))
+        for url in files.replica_urls.values()
+        for i in range(CLIENTS_PER_REPLICA)
+    ]
+    try:
+        return await _watch(files, procs, seconds, console, token, timeline, events, load)
+    finally:
+        for client in clients:
+            client.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+
+
+async def _watch(
+    files: DemoFiles,
+    procs: Processes,
+    seconds: float,
+    console: Console,
+    token: str,
+    timeline: list[tuple[float, str, str]],
+    events: list[str],
+    load: Load,
+) -> int:
+    import grpc
+
+    victim = "reserved-us-1"
     start = time.monotonic()
     seen_both = False
     with Live(console=console, auto_refresh=False) as live:
@@ -174,21 +278,30 @@ async def _run(files: DemoFiles, procs: Processes, seconds: float, console: Cons
             while timeline and elapsed >= timeline[0][0]:
                 _, message, action = timeline.pop(0)
                 events.append(f"t={elapsed:4.1f}s  {message}")
-                if action == "stop":
-                    procs.stop(victim)
+                if action == "stop":  # off the event loop: the chat clients keep going
+                    await asyncio.get_running_loop().run_in_executor(None, procs.stop, victim)
                 else:
                     procs.start(
                         victim, "agent", "run", "--config", str(files.agent_configs[victim])
                     )
-            fleet = await fetch_fleet(files.address, token, None)
+            try:
+                fleet = await fetch_fleet(files.address, token, None, deadline_s=5.0)
+            except grpc.aio.AioRpcError as exc:  # a busy machine: show the rest, try again
+                events.append(f"t={elapsed:4.1f}s  the scheduler did not answer: {exc.code().name}")
+                continue
             seen_both = seen_both or len(fleet.agents) == len(AGENTS)
-            caption = Text("\n".join(events), style="dim")
+            traffic = (
+                f"chat requests: {load.sent} sent, {load.done} answered, "
+                f"{load.refused} refused while a replica was down"
+            )
+            caption = Text("\n".join([*events, traffic]), style="dim")
             live.update(Group(render(fleet), caption), refresh=True)
             await asyncio.sleep(0.5)
     return 0 if seen_both else 1
 
 
 def run_demo(seconds: float = 20.0) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per chat request is noise
     console = Console() if sys.stdout.isatty() else Console(width=150)
     with tempfile.TemporaryDirectory(prefix="spillway-demo-") as tmp:
         root = Path(tmp)

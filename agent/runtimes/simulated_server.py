@@ -1,0 +1,579 @@
+"""The simulated runtime's server: a real HTTP process that speaks SGLang's API without a GPU.
+
+Started like ``sglang.launch_server`` (``python -m agent.runtimes.simulated_server --model-path
+M --host H --port P --tp-size N --served-model-name S --enable-metrics``) and answering
+``/health`` (503 during warm-up and shutdown), ``/health_generate``, ``/server_info``,
+``/v1/models``, ``/v1/loads``, ``/metrics`` (SGLang's metric names), ``/generate``,
+``/v1/completions`` and ``/v1/chat/completions`` (streaming included). Timing comes from
+:class:`~agent.runtimes.simulated_model.BatchingModel`, driven by the monotonic clock. SIGTERM
+drains: health turns 503, new requests are refused with 503, in-flight ones finish, then the
+process exits 0.
+
+Text is placeholder words; prompts are counted at about four characters per token (or exactly,
+from ``input_ids``). A few flags inject faults for tests (``--crash-after-s``,
+``--fail-health``). This module must not import anything from the rest of the agent: it runs
+as its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from agent.runtimes.simulated_model import (
+    BatchingModel,
+    GpuProfile,
+    Progress,
+    RequestRejected,
+    profile_for_gpu,
+)
+
+VERSION = "0.5.0-simulated"
+DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default for /generate; an assumption for OpenAI routes
+_WORDS = (
+    "the quick brown fox jumps over a lazy dog while spillway keeps every replica busy "
+    "and no request is ever dropped on the floor "
+)
+
+TTFT_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 120, 160)
+E2E_BUCKETS = (0.1, 0.2, 0.4, 0.8, 1, 2, 5, 10, 20, 40, 60, 80, 100, 150, 200, 300, 400, 800)
+ITL_BUCKETS: tuple[float, ...] = (0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025)
+ITL_BUCKETS += (0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.total += 1
+        self.sum += value
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out = [f"# TYPE {name} histogram"]
+        for bound, count in zip(self.buckets, self.counts, strict=True):
+            out.append(f'{name}_bucket{{{labels},le="{float(bound)}"}} {count}')
+        out.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.total}')
+        out.append(f"{name}_sum{{{labels}}} {self.sum}")
+        out.append(f"{name}_count{{{labels}}} {self.total}")
+        return out
+
+
+_WORD_LIST = _WORDS.split()
+
+
+def words(start: int, count: int) -> str:
+    return "".join(_WORD_LIST[i % len(_WORD_LIST)] + " " for i in range(start, start + count))
+
+
+def count_tokens(text: str) -> int:
+    return max(1, math.ceil(len(text) / 4))
+
+
+class _Pending:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Progress] = asyncio.Queue()
+
+
+class SimulatedServer:
+    def __init__(self, args: argparse.Namespace, profile: GpuProfile) -> None:
+        self.args = args
+        self.profile = profile
+        self.model = BatchingModel(profile, time.monotonic())
+        self.pending: dict[str, _Pending] = {}
+        self.started = time.monotonic()
+        self.ready_at = self.started + args.warmup_s
+        self.shutting_down = False
+        self.ids = itertools.count(1)
+        self.wake = asyncio.Event()
+        self.drained = asyncio.Event()
+        self.requests_total = 0
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.e2e = Histogram(E2E_BUCKETS)
+        self.itl = Histogram(ITL_BUCKETS)
+        self._last_token: dict[str, tuple[float, int]] = {}
+
+    # -- the engine loop -----------------------------------------------------------------------
+
+    async def engine(self) -> None:
+        try:
+            await self._engine()
+        except Exception:  # a bug: die loudly so the supervisor restarts the replica
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+
+    async def _engine(self) -> None:
+        while True:
+            now = time.monotonic()
+            for update in self.model.advance(now):
+                self._deliver(update)
+            if self.shutting_down and not self.pending:
+                self.drained.set()
+            nxt = self.model.next_event_at()
+            self.wake.clear()
+            timeout = None if nxt is None else max(0.0, nxt - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout)
+
+    def _deliver(self, update: Progress) -> None:
+        pending = self.pending.get(update.request_id)
+        if update.first_token_at is not None and update.generated == 1:
+            self.ttft.observe(update.first_token_at - update.arrived_at)
+        last = self._last_token.get(update.request_id)
+        if last is not None and update.generated > last[1]:
+            self.itl.observe((update.at - last[0]) / (update.generated - last[1]))
+        self._last_token[update.request_id] = (update.at, update.generated)
+        if update.finished:
+            self._last_token.pop(update.request_id, None)
+            self.e2e.observe(update.at - update.arrived_at)
+        if pending is not None:
+            pending.queue.put_nowait(update)
+
+    def ready(self) -> bool:
+        return not self.shutting_down and time.monotonic() >= self.ready_at
+
+    def start_request(self, prompt_tokens: int, max_new_tokens: int, stream: bool) -> str:
+        """Queue a request; raises RequestRejected at once when it can never be served."""
+        rid = f"{next(self.ids):x}-{uuid.uuid4().hex[:8]}"
+        self.model.submit(rid, prompt_tokens, max_new_tokens, time.monotonic(), stream=stream)
+        self.requests_total += 1
+        self.pending[rid] = _Pending()
+        self.wake.set()
+        return rid
+
+    async def updates(self, rid: str) -> AsyncIterator[Progress]:
+        """Progress of a started request until it finishes; cancels it if abandoned."""
+        pending = self.pending[rid]
+        try:
+            while True:
+                update = await pending.queue.get()
+                yield update
+                if update.finished:
+                    return
+        finally:
+            del self.pending[rid]
+            self._last_token.pop(rid, None)
+            self.model.cancel(rid)
+            self.wake.set()
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    def _refuse(self) -> web.Response | None:
+        if self.shutting_down:
+            return _error(503, "the server is shutting down")
+        if not self.ready():
+            return _error(503, "the server is still starting")
+        return None
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.args.fail_health or not self.ready():
+            return web.Response(status=503)
+        return web.Response(status=200)
+
+    async def health_generate(self, request: web.Request) -> web.Response:
+        if self.args.fail_health or not self.ready():
+            return web.Response(status=503)
+        await _last(self.updates(self.start_request(1, 1, stream=False)))
+        return web.Response(status=200)
+
+    def server_args(self) -> dict[str, Any]:
+        a = self.args
+        return {
+            "model_path": a.model_path,
+            "served_model_name": a.served_model_name or a.model_path,
+            "host": a.host,
+            "port": a.port,
+            "tp_size": a.tp_size,
+            "dp_size": 1,
+            "mem_fraction_static": a.mem_fraction_static,
+            "max_running_requests": self.profile.max_running_requests,
+            "max_total_tokens": self.profile.max_total_tokens,
+            "chunked_prefill_size": self.profile.chunked_prefill_size,
+            "context_length": self.profile.context_length,
+            "enable_metrics": a.enable_metrics,
+        }
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        stats = self.model.stats(time.monotonic())
+        return web.json_response(
+            {
+                **self.server_args(),
+                "version": VERSION,
+                "simulated": {
+                    "gpu_profile": self.profile.name,
+                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                    "pid": os.getpid(),
+                },
+                "internal_states": [
+                    {
+                        "last_gen_throughput": stats.gen_throughput,
+                        "max_total_num_tokens": stats.max_total_tokens,
+                    }
+                ],
+            }
+        )
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.args.served_model_name or self.args.model_path,
+                        "object": "model",
+                        "created": int(time.time()),
+                        "owned_by": "sglang",
+                        "root": self.args.model_path,
+                        "max_model_len": self.profile.context_length,
+                    }
+                ],
+            }
+        )
+
+    async def loads(self, request: web.Request) -> web.Response:
+        s = self.model.stats(time.monotonic())
+        return web.json_response(
+            {
+                "timestamp": time.time(),
+                "version": VERSION,
+                "dp_rank_count": 1,
+                "loads": [
+                    {
+                        "dp_rank": 0,
+                        "num_running_reqs": s.running,
+                        "num_waiting_reqs": s.queued,
+                        "num_used_tokens": s.used_tokens,
+                        "max_total_num_tokens": s.max_total_tokens,
+                        "token_usage": s.token_usage,
+                        "gen_throughput": s.gen_throughput,
+                        "cache_hit_rate": 0.0,
+                        "max_running_requests": self.profile.max_running_requests,
+                    }
+                ],
+            }
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if not self.args.enable_metrics:
+            return web.Response(status=404, text="metrics are off (--enable-metrics)")
+        s = self.model.stats(time.monotonic())
+        name = self.args.served_model_name or self.args.model_path
+        labels = f'model_name="{name}"'
+        lines: list[str] = []
+        gauges = {
+            "num_running_reqs": s.running,
+            "num_queue_reqs": s.queued,
+            "num_used_tokens": s.used_tokens,
+            "token_usage": s.token_usage,
+            "gen_throughput": s.gen_throughput,
+            "cache_hit_rate": 0.0,
+            "max_total_num_tokens": s.max_total_tokens,
+            "max_running_requests": self.profile.max_running_requests,
+        }
+        for key, value in gauges.items():
+            lines += [f"# TYPE sglang:{key} gauge", f"sglang:{key}{{{labels}}} {float(value)}"]
+        counters = {
+            "prompt_tokens_total": s.prompt_tokens_total,
+            "generation_tokens_total": s.generation_tokens_total,
+            "num_requests_total": self.requests_total,
+        }
+        for key, value in counters.items():
+            lines += [f"# TYPE sglang:{key} counter", f"sglang:{key}{{{labels}}} {float(value)}"]
+        lines += self.ttft.lines("sglang:time_to_first_token_seconds", labels)
+        lines += self.e2e.lines("sglang:e2e_request_latency_seconds", labels)
+        lines += self.itl.lines("sglang:inter_token_latency_seconds", labels)
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        if (refused := self._refuse()) is not None:
+            return refused
+        body = await _json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        if "input_ids" in body:
+            ids = body["input_ids"]
+            if not isinstance(ids, list) or not ids:
+                return _error(400, "input_ids must be a non-empty list of token ids")
+            prompt = len(ids)
+        elif isinstance(body.get("text"), str):
+            prompt = count_tokens(body["text"])
+        else:
+            return _error(400, "either text (a string) or input_ids is required")
+        params = body.get("sampling_params") or {}
+        max_new = _int(params.get("max_new_tokens"), DEFAULT_MAX_NEW_TOKENS)
+        if max_new is None:
+            return _error(400, "sampling_params.max_new_tokens must be a positive integer")
+        started = time.monotonic()
+        rid = uuid.uuid4().hex
+
+        def meta(update: Progress) -> dict[str, Any]:
+            return {
+                "id": rid,
+                "prompt_tokens": prompt,
+                "completion_tokens": update.generated,
+                "cached_tokens": 0,
+                "finish_reason": {"type": "length", "length": update.generated}
+                if update.finished
+                else None,
+                "e2e_latency": time.monotonic() - started,
+            }
+
+        stream = bool(body.get("stream"))
+        try:
+            updates = self.updates(self.start_request(prompt, max_new, stream))
+        except RequestRejected as exc:
+            return _error(400, str(exc))
+        if not stream:
+            last = await _last(updates)
+            return web.json_response({"text": words(0, last.generated), "meta_info": meta(last)})
+        response = await _sse(request)
+        async for update in updates:
+            chunk = {"text": words(0, update.generated), "meta_info": meta(update)}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._openai(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._openai(request, chat=True)
+
+    async def _openai(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        if (refused := self._refuse()) is not None:
+            return refused
+        body = await _json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                return _error(400, "messages must be a non-empty list")
+            prompt = sum(4 + count_tokens(str(m.get("content", ""))) for m in messages)
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str | list) or not text:
+                return _error(400, "prompt must be a non-empty string or list of token ids")
+            prompt = count_tokens(text) if isinstance(text, str) else len(text)
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_new = _int(limit, DEFAULT_MAX_NEW_TOKENS)
+        if max_new is None:
+            return _error(400, "max_tokens must be a positive integer")
+        model_name = self.args.served_model_name or self.args.model_path
+        kind = "chat.completion" if chat else "text_completion"
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+
+        def choice(text: str, finish: str | None, delta: bool) -> dict[str, Any]:
+            if not chat:
+                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            key = "delta" if delta else "message"
+            content: dict[str, Any] = {"role": "assistant", "content": text}
+            return {"index": 0, key: content, "logprobs": None, "finish_reason": finish}
+
+        def usage(generated: int) -> dict[str, int]:
+            return {
+                "prompt_tokens": prompt,
+                "completion_tokens": generated,
+                "total_tokens": prompt + generated,
+            }
+
+        stream = bool(body.get("stream"))
+        try:
+            updates = self.updates(self.start_request(prompt, max_new, stream))
+        except RequestRejected as exc:
+            return _error(400, str(exc))
+        if not stream:
+            last = await _last(updates)
+            return web.json_response(
+                {
+                    "id": rid,
+                    "object": kind,
+                    "created": created,
+                    "model": model_name,
+                    "choices": [choice(words(0, last.generated), "length", delta=False)],
+                    "usage": usage(last.generated),
+                }
+            )
+        response = await _sse(request)
+        sent = 0
+        async for update in updates:
+            finish = "length" if update.finished else None
+            chunk: dict[str, Any] = {
+                "id": rid,
+                "object": kind + ".chunk" if chat else kind,
+                "created": created,
+                "model": model_name,
+                "choices": [choice(words(sent, update.generated - sent), finish, delta=True)],
+            }
+            if update.finished and (body.get("stream_options") or {}).get("include_usage"):
+                chunk["usage"] = usage(update.generated)
+            sent = update.generated
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        self.shutting_down = True
+        self.wake.set()
+
+    async def crash_later(self) -> None:
+        await asyncio.sleep(max(0.0, self.ready_at - time.monotonic()) + self.args.crash_after_s)
+        print(f"simulated crash after {self.args.crash_after_s}s healthy", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(3)
+
+
+def _int(value: Any, default: int) -> int | None:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
+
+
+async def _last(updates: AsyncIterator[Progress]) -> Progress:
+    last: Progress | None = None
+    async for update in updates:
+        last = update
+    assert last is not None
+    return last
+
+
+async def _json_body(request: web.Request) -> dict[str, Any] | web.Response:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _error(400, "the request body is not valid JSON")
+    if not isinstance(body, dict):
+        return _error(400, "the request body must be a JSON object")
+    return body
+
+
+async def _sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    return response
+
+
+def _error(status: int, message: str) -> web.Response:
+    kind = {400: "BadRequestError", 503: "ServiceUnavailableError"}.get(status, "Error")
+    return web.json_response(
+        {"object": "error", "message": message, "type": kind, "code": status}, status=status
+    )
+
+
+def build_app(server: SimulatedServer) -> web.Application:
+    app = web.Application()
+    app.router.add_get("/health", server.health)
+    app.router.add_get("/health_generate", server.health_generate)
+    app.router.add_get("/server_info", server.server_info)
+    app.router.add_get("/get_server_info", server.server_info)
+    app.router.add_get("/v1/models", server.models)
+    app.router.add_get("/v1/loads", server.loads)
+    app.router.add_get("/metrics", server.metrics)
+    app.router.add_post("/generate", server.generate)
+    app.router.add_post("/v1/completions", server.completions)
+    app.router.add_post("/v1/chat/completions", server.chat_completions)
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="A simulated SGLang server (no GPU needed).")
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--served-model-name", default="")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--tp-size", type=int, default=1)
+    parser.add_argument("--mem-fraction-static", type=float, default=None)
+    parser.add_argument("--enable-metrics", action="store_true")
+    parser.add_argument("--gpu-model", default="", help="GPU name choosing the speed profile")
+    parser.add_argument("--max-running-requests", type=int, default=None)
+    parser.add_argument("--speedup", type=float, default=1.0, help="run this many times faster")
+    parser.add_argument("--warmup-s", type=float, default=1.0, help="/health is 503 this long")
+    parser.add_argument("--crash-after-s", type=float, default=None, help="fault: exit 3")
+    parser.add_argument("--fail-health", action="store_true", help="fault: never healthy")
+    return parser.parse_args(argv)
+
+
+def make_profile(args: argparse.Namespace) -> GpuProfile:
+    base = profile_for_gpu(args.gpu_model)
+    tp = max(1, args.tp_size)
+    speed = args.speedup * tp  # assumption: tensor parallelism scales near-linearly
+    return GpuProfile(
+        name=base.name if tp == 1 else f"{tp}x{base.name}",
+        max_running_requests=args.max_running_requests or base.max_running_requests,
+        max_total_tokens=base.max_total_tokens * tp,
+        chunked_prefill_size=base.chunked_prefill_size,
+        prefill_tokens_per_s=base.prefill_tokens_per_s * speed,
+        prefill_step_s=base.prefill_step_s / args.speedup,
+        decode_step_base_s=base.decode_step_base_s / speed,
+        decode_step_per_request_s=base.decode_step_per_request_s / speed,
+        context_length=base.context_length,
+    )
+
+
+async def serve(args: argparse.Namespace) -> int:
+    server = SimulatedServer(args, make_profile(args))
+    # A client that goes away aborts its request, as in SGLang.
+    runner = web.AppRunner(
+        build_app(server), access_log=None, handle_signals=False, handler_cancellation=True
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        print(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        await runner.cleanup()
+        return 1
+    print(f"simulated SGLang serving {args.model_path} on {args.host}:{args.port}", flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.begin_shutdown)
+    tasks = [asyncio.create_task(server.engine())]
+    if args.crash_after_s is not None:
+        tasks.append(asyncio.create_task(server.crash_later()))
+    await server.drained.wait()
+    # Let the last responses leave before the listening socket closes.
+    await runner.cleanup()
+    for task in tasks:
+        task.cancel()
+    print("simulated SGLang drained and stopped", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not Path(args.model_path).exists():
+        print(f"model path {args.model_path} does not exist", file=sys.stderr)
+        return 1
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
