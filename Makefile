@@ -8,11 +8,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit protos bench clean
 
+# checkov scans terraform/; it pins boto3 and packaging below what the dev extra needs, so it
+# lives in a virtualenv of its own.
+CHECKOV := .venv-checkov/bin/checkov
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[agent,scheduler,dev]'
 	touch $(STAMP)
+
+$(CHECKOV):
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/python -m pip install --quiet 'checkov==3.3.30'
 
 demo: $(STAMP)
 	$(BIN)/spillway demo
@@ -26,7 +34,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) $(CHECKOV)
 	$(BIN)/pytest
 
 protos: $(STAMP)
@@ -36,4 +44,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-checkov .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,7 @@
 """checkov over the whole terraform/ tree: no failed check, and every skip justified in place.
 
 checkov pins boto3 and packaging to versions the project's own dependencies outgrew, so it
-lives in a virtualenv of its own (``.venv-checkov``, made by ``.ci/run``), or wherever
+lives in a virtualenv of its own (``.venv-checkov``, made by ``make test``), or wherever
 ``SPILLWAY_CHECKOV`` points. Without it the test is skipped locally and fails in CI (``CI`` set).
 """
 
