@@ -1,0 +1,76 @@
+"""Sources turn a URI into the objects to fetch, each with a URL that accepts ``Range``.
+
+``resolve`` picks the source from the scheme: ``s3://``, ``gs://``, ``az://``, ``http(s)://``.
+Store SDKs are imported only by the source that needs them, so a node with just the ``agent``
+extra can fetch over plain HTTP(S). Sources list and sign; they never download object bodies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.prefetch.errors import InvalidSourceError
+from agent.prefetch.model import RemoteObject
+
+SIGNED_URL_EXPIRY_S = 6 * 3600
+
+
+@dataclass
+class SourceOptions:
+    """How to reach the store. Empty fields fall back to the SDK's usual environment variables."""
+
+    files: list[str] = field(default_factory=list)
+    endpoint_url: str | None = None
+    azure_connection_string: str | None = None
+    expires_s: int = SIGNED_URL_EXPIRY_S
+
+
+def resolve(uri: str, options: SourceOptions | None = None) -> list[RemoteObject]:
+    """The objects under ``uri`` (a prefix, a single object, or an HTTP base with a file list)."""
+    options = options or SourceOptions()
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        from agent.prefetch.sources.http import resolve_http
+
+        objects = resolve_http(uri, options)
+    elif scheme == "s3":
+        from agent.prefetch.sources.s3 import resolve_s3
+
+        objects = resolve_s3(uri, options)
+    elif scheme in ("gs", "gcs"):
+        from agent.prefetch.sources.gcs import resolve_gcs
+
+        objects = resolve_gcs(uri, options)
+    elif scheme in ("az", "azure"):
+        from agent.prefetch.sources.azure import resolve_azure
+
+        objects = resolve_azure(uri, options)
+    else:
+        raise InvalidSourceError(
+            f"{uri!r}: expected s3://, gs://, az://, http:// or https:// followed by a path"
+        )
+    return sorted(objects, key=lambda o: (o.size, o.path))
+
+
+def split_bucket(uri: str) -> tuple[str, str]:
+    """``scheme://bucket/some/prefix`` -> (``bucket``, ``some/prefix``)."""
+    rest = uri.split("://", 1)[1]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise InvalidSourceError(f"{uri!r}: no bucket or container name")
+    return bucket, prefix
+
+
+def relative_key(key: str, prefix: str) -> str:
+    """The path of ``key`` below ``prefix``; a prefix naming one object gives its base name."""
+    if key == prefix:
+        return key.rsplit("/", 1)[-1]
+    base = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+    return key[len(base) :] if key.startswith(base) else key
+
+
+def require(module: str, extra: str) -> None:
+    raise InvalidSourceError(
+        f"the {module} package is needed for this source; install it with "
+        f"pip install 'spillway[{extra}]' or pip install {module}"
+    )
