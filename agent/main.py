@@ -74,8 +74,9 @@ ExtraActivities = Callable[[Supervisor], Sequence[Callable[..., Any]]]
 def node_activities(supervisor: Supervisor) -> list[Callable[..., Any]]:
     """Every activity the node worker serves. New node-local activities are added here."""
     from agent.activities import NodeActivities
+    from agent.prefetch.activity import prefetch_weights
 
-    return NodeActivities(supervisor).all()
+    return [*NodeActivities(supervisor).all(), prefetch_weights]
 
 
 async def start_supervisor(config: AgentConfig, gpus: Sequence[GpuInfo]) -> Supervisor:

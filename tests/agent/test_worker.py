@@ -23,11 +23,12 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from agent.activities import NodeActivities
+from agent.main import node_activities
 from agent.processes import start_time
 from agent.supervisor import Supervisor
 from agent.worker import NodeWorker
 from scheduler import fleet
+from tests.agent.prefetch.faults import FaultyOrigin
 from tests.agent.test_supervisor import GPUS, WITHIN_S, settings
 from tests.conftest import SchedulerFactory, Tokens, eventually, write_yaml
 
@@ -100,7 +101,7 @@ async def node(temporal_address: str, tmp_path: Path) -> AsyncIterator[tuple[str
     """An in-process supervisor and node worker; yields the worker's task queue."""
     supervisor = Supervisor(settings(tmp_path / "state"), GPUS)
     queue = f"agent-node-{uuid.uuid4().hex[:8]}"
-    worker = NodeWorker(temporal_address, "default", queue, NodeActivities(supervisor).all())
+    worker = NodeWorker(temporal_address, "default", queue, node_activities(supervisor))
     task = asyncio.create_task(worker.run())
     await asyncio.wait_for(worker.running.wait(), WITHIN_S)
     yield queue, supervisor
@@ -136,6 +137,38 @@ async def test_start_drain_and_stop_through_the_task_queue(
     assert start_time(started["pid"]) is None
     stopped = await harness.call(Call("stop_replica", queue, {"replica_id": "nope"}))
     assert stopped["state"] == "stopped" and "no replica nope" in stopped["reason"]
+
+
+async def test_prefetch_then_start_through_the_task_queue(
+    harness: Harness, node: tuple[str, Supervisor], tmp_path: Path
+) -> None:
+    """The node worker serves the weight prefetch too: fetch a model, then serve it."""
+    queue, supervisor = node
+    origin = FaultyOrigin()
+    try:
+        shard = os.urandom(3 * 1024 * 1024 + 17)
+        origin.add("config.json", b'{"model_type": "llama"}')
+        origin.add("model.bin", shard)
+        destination = tmp_path / "prefetched"
+        fetched = await harness.call(
+            Call(
+                "prefetch_weights",
+                queue,
+                {
+                    "source": origin.base,
+                    "destination": str(destination),
+                    "files": ["config.json", "model.bin"],
+                },
+            )
+        )
+    finally:
+        origin.close()
+    assert fetched["files"] == 2
+    assert fetched["total_bytes"] == len(shard) + len(b'{"model_type": "llama"}')
+    assert (destination / "model.bin").read_bytes() == shard
+    started = await harness.call(Call("start_replica", queue, start_args(destination)))
+    assert started["state"] == "healthy"
+    assert supervisor.pid("r1") == started["pid"]
 
 
 async def refusal(harness: Harness, call: Call) -> ApplicationError:
