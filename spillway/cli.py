@@ -1,7 +1,8 @@
 """The ``spillway`` command. Each subcommand imports what it needs only when it runs, so that
 ``spillway agent run`` works on a node that has only the ``agent`` extra installed.
 
-Exit codes: 0 success, 1 runtime failure, 2 bad input (config file, arguments, credentials).
+Exit codes: 0 success, 1 runtime failure, 2 bad input (config file, arguments, credentials);
+``spillway prefetch`` adds 3 not found, 4 access denied, 5 verification failed, 6 disk full.
 """
 
 from __future__ import annotations
@@ -107,6 +108,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(seconds=args.seconds)
 
 
+def _cmd_offers(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from providers.errors import ProviderError
+    from providers.ranking import explain_empty, offers_json, offers_table, rank
+
+    try:
+        request, offers = rank(
+            args.sku,
+            residency=[g for value in args.residency for g in value.split(",") if g],
+            clouds=[c for value in args.cloud for c in value.split(",") if c],
+            regions=[r for value in args.region for r in value.split(",") if r],
+            max_usd_per_hour=args.max_price,
+        )
+    except ProviderError as exc:
+        raise _BadInput(str(exc)) from exc
+    if args.json:
+        print(json.dumps(offers_json(offers[: args.limit] if args.limit else offers), indent=2))
+        return 0 if offers else EXIT_FAILURE
+    if not offers:
+        raise _Failure(explain_empty(request))
+    console = Console() if sys.stdout.isatty() else Console(width=150)
+    console.print(offers_table(request, offers, args.limit))
+    return 0
+
+
+def _cmd_prefetch(args: argparse.Namespace) -> int:
+    from agent.prefetch.cli import run
+
+    return run(args)
+
+
 class _BadInput(Exception):
     pass
 
@@ -175,6 +208,55 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="a scheduler and two agents on loopback")
     demo.add_argument("--seconds", type=float, default=20.0, help="how long to run")
     demo.set_defaults(func=_cmd_demo)
+
+    offers = commands.add_parser(
+        "offers",
+        help="rank every way the clouds sell GPUS x SKU, cheapest first (catalog list prices)",
+    )
+    offers.add_argument(
+        "sku", metavar="SKU[:GPUS]", help="fungible SKU and count, e.g. H100-80GB:8"
+    )
+    offers.add_argument(
+        "--residency", action="append", default=[], help="residency group(s): eu, us, uk, ..."
+    )
+    offers.add_argument("--cloud", action="append", default=[], help="aws, gcp or azure")
+    offers.add_argument("--region", action="append", default=[], help="only these regions")
+    offers.add_argument("--max-price", type=float, metavar="USD", help="per machine-hour")
+    offers.add_argument("--limit", type=int, help="show the N cheapest")
+    offers.add_argument("--json", action="store_true", help="print the offers as JSON")
+    offers.set_defaults(func=_cmd_offers)
+
+    fetch = commands.add_parser(
+        "prefetch",
+        help="download model weights from s3://, gs://, az:// or http(s):// in parallel ranges, "
+        "verified and resumable",
+        description="Exit codes: 0 done, 1 transfer failed, 2 bad input, 3 not found, "
+        "4 access denied, 5 verification failed, 6 disk full.",
+    )
+    fetch.add_argument("source", metavar="SRC", help="s3://, gs://, az:// or http(s):// URI")
+    fetch.add_argument("dest", metavar="DEST", type=Path, help="destination directory")
+    fetch.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with an http(s) URL ending in '/': a file to fetch, 'NAME [SHA256]' (repeatable)",
+    )
+    fetch.add_argument("--files-from", type=Path, metavar="FILE", help="one 'NAME [SHA256]' a line")
+    fetch.add_argument("--endpoint-url", help="S3 endpoint, or GCS emulator URL")
+    fetch.add_argument("--connections", type=int, help="parallel connections (default: auto)")
+    fetch.add_argument("--max-connections", type=int, default=64, help="ceiling for auto")
+    fetch.add_argument("--range-size", metavar="SIZE", help="e.g. 16M (default: auto)")
+    fetch.add_argument("--retries", type=int, default=6, help="retries per range (default 6)")
+    fetch.add_argument("--no-fsync", action="store_true", help="skip fsync before the rename")
+    fetch.add_argument(
+        "--skip-sha256",
+        action="store_true",
+        help="do not compute sha256 for the manifest (size, the store's checksum and "
+        "safetensors headers are still verified); saves about a core-second per GB",
+    )
+    fetch.add_argument("--json", action="store_true", help="print the result as JSON")
+    fetch.set_defaults(func=_cmd_prefetch)
     return parser
 
 

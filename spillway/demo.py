@@ -297,6 +297,10 @@ async def _watch(
             caption = Text("\n".join([*events, traffic]), style="dim")
             live.update(Group(render(fleet), caption), refresh=True)
             await asyncio.sleep(0.5)
+    # On a slow machine the run can end before the victim was started again; start it anyway,
+    # so the demo always ends with the whole fleet back and stops every agent the same way.
+    if any(action == "start" for _, _, action in timeline) and victim not in procs.running:
+        procs.start(victim, "agent", "run", "--config", str(files.agent_configs[victim]))
     return 0 if seen_both else 1
 
 
