@@ -63,6 +63,21 @@ def load_model(
     Raises :class:`ConfigError` naming the file, the line, the field and what was expected.
     """
     path = Path(path)
+    root, data = read_yaml_mapping(path)
+    overrides: dict[tuple[str, ...], str] = {}
+    if env_prefix:
+        overrides = apply_env_overrides(
+            data, env_prefix, os.environ if environ is None else environ
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = [describe_error(path, root, err, overrides) for err in exc.errors()]
+        raise ConfigError(path, problems) from exc
+
+
+def read_yaml_mapping(path: Path) -> tuple[yaml.Node | None, dict[str, Any]]:
+    """The document's node tree (for line numbers) and its data, which must be a mapping."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -79,17 +94,7 @@ def load_model(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(path, [f"{path}:1: expected a mapping of fields, got {_kind(data)}"])
-
-    overrides: dict[tuple[str, ...], str] = {}
-    if env_prefix:
-        overrides = apply_env_overrides(
-            data, env_prefix, os.environ if environ is None else environ
-        )
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = [_describe(path, root, overrides, err) for err in exc.errors()]
-        raise ConfigError(path, problems) from exc
+    return root, data
 
 
 def apply_env_overrides(
@@ -113,12 +118,14 @@ def apply_env_overrides(
     return applied
 
 
-def _describe(
+def describe_error(
     path: Path,
     root: yaml.Node | None,
-    overrides: dict[tuple[str, ...], str],
     err: Any,
+    overrides: Mapping[tuple[str, ...], str] | None = None,
 ) -> str:
+    """``FILE:LINE: field: expected ...`` for one pydantic error dict."""
+    overrides = overrides or {}
     loc = tuple(str(part) for part in err["loc"])
     field = ".".join(loc) or "(top level)"
     message = _expected(err)
@@ -126,7 +133,7 @@ def _describe(
         variable = overrides.get(loc[:depth])
         if variable is not None:
             return f"environment variable {variable}: {field}: {message}"
-    line = _line_of(root, loc)
+    line = line_of(root, loc)
     where = f"{path}:{line}" if line is not None else str(path)
     return f"{where}: {field}: {message}"
 
@@ -156,7 +163,7 @@ def _kind(value: object) -> str:
     return type(value).__name__
 
 
-def _line_of(node: yaml.Node | None, loc: tuple[str, ...]) -> int | None:
+def line_of(node: yaml.Node | None, loc: tuple[str, ...]) -> int | None:
     """1-based line of the deepest node along ``loc`` that exists in the document."""
     if node is None:
         return None
