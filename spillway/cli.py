@@ -140,6 +140,69 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_policy_check(args: argparse.Namespace) -> int:
+    from scheduler.policy import check_policy
+
+    result = check_policy(args.file)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for error in result.errors:
+        print(f"spillway: error: {error}", file=sys.stderr)
+    if result.errors:
+        return EXIT_BAD_INPUT
+    print(f"{args.file}: valid")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import time
+
+    import grpc
+
+    from agent.channel import read_token
+    from providers.catalog import default_catalog
+    from scheduler.fleet import AgentHealth, AgentRecord
+    from scheduler.messages import registration_from_pb, report_from_pb
+    from scheduler.plan import plan_lines
+    from scheduler.policy import load_policy
+    from scheduler.snapshot import snapshot_from_fleet
+    from spillway.status import fetch_fleet
+    from spillway.v1 import agent_pb2 as pb
+
+    policy = load_policy(args.policy)
+    if args.token_file is None:
+        raise _BadInput("--token-file (or SPILLWAY_TOKEN_FILE) is required: an operator token")
+    token = read_token(args.token_file)
+    try:
+        fleet = asyncio.run(fetch_fleet(args.scheduler, token, None))
+    except grpc.aio.AioRpcError as exc:
+        raise _Failure(f"scheduler {args.scheduler}: {exc.code().name}: {exc.details()}") from exc
+    records = []
+    for agent in fleet.agents:
+        reg = registration_from_pb(agent.registration)
+        record = AgentRecord(reg, registered_at=0.0, last_seen=0.0)
+        if agent.HasField("last_report"):
+            record.report = report_from_pb(agent.last_report, reg)
+        health = (
+            AgentHealth.CONNECTED
+            if agent.health == pb.AGENT_HEALTH_CONNECTED
+            else AgentHealth.STALE
+        )
+        records.append((record, health))
+    catalog = default_catalog()
+    snapshot = snapshot_from_fleet(records, catalog)
+    for line in plan_lines(policy, snapshot, catalog, time.time()):
+        print(line)
+    return 0
+
+
+def _cmd_policy_schema(args: argparse.Namespace) -> int:
+    from scheduler.policy import policy_schema
+
+    print(json.dumps(policy_schema(), indent=2))
+    return 0
+
+
 class _BadInput(Exception):
     pass
 
@@ -257,6 +320,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("--json", action="store_true", help="print the result as JSON")
     fetch.set_defaults(func=_cmd_prefetch)
+
+    policy = commands.add_parser("policy", help="the policy file").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    check = policy.add_parser("check", help="report every error of a policy file (exit 2)")
+    check.add_argument("file", type=Path, metavar="FILE", help="policy file (YAML)")
+    check.set_defaults(func=_cmd_policy_check)
+    schema = policy.add_parser("schema", help="print the policy file's JSON Schema")
+    schema.set_defaults(func=_cmd_policy_schema)
+
+    plan = commands.add_parser("plan", help="what the policy would place where, and why")
+    plan.add_argument("--policy", type=Path, required=True, help="policy file (YAML)")
+    plan.add_argument(
+        "--scheduler",
+        default=os.environ.get("SPILLWAY_SCHEDULER", "127.0.0.1:50051"),
+        help="host:port (default: $SPILLWAY_SCHEDULER or 127.0.0.1:50051)",
+    )
+    plan.add_argument(
+        "--token-file",
+        type=Path,
+        default=Path(env_token) if env_token else None,
+        help="operator token file (default: $SPILLWAY_TOKEN_FILE)",
+    )
+    plan.set_defaults(func=_cmd_plan)
     return parser
 
 
