@@ -9,7 +9,7 @@ the supervisor does that.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +48,28 @@ class Runtime(Protocol):
     def command(self, spec: LaunchSpec) -> list[str]: ...
 
     def environment(self, spec: LaunchSpec, base: Mapping[str, str]) -> dict[str, str]: ...
+
+
+def launch_server_args(spec: LaunchSpec, tp_size: int, extra: Sequence[str] = ()) -> list[str]:
+    """The arguments of SGLang's ``launch_server`` for ``spec``; ``extra`` goes before the
+    memory fraction and the deployment's own arguments."""
+    args = [
+        "--model-path",
+        str(spec.model_path),
+        "--served-model-name",
+        spec.served_model_name,
+        "--host",
+        spec.host,
+        "--port",
+        str(spec.port),
+        "--tp-size",
+        str(tp_size),
+        "--enable-metrics",
+        *extra,
+    ]
+    if spec.mem_fraction_static is not None:
+        args += ["--mem-fraction-static", f"{spec.mem_fraction_static:g}"]
+    return args + list(spec.extra_args)
 
 
 def gpu_environment(spec: LaunchSpec, base: Mapping[str, str]) -> dict[str, str]:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from agent.runtimes.base import LaunchSpec, gpu_environment
+from agent.runtimes.base import LaunchSpec, gpu_environment, launch_server_args
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,25 +25,12 @@ class SGLangRuntime:
     def command(self, spec: LaunchSpec) -> list[str]:
         if not spec.gpu_indices:
             raise ValueError("an sglang replica needs at least one GPU")
-        command = [
+        return [
             self.python,
             "-m",
             "sglang.launch_server",
-            "--model-path",
-            str(spec.model_path),
-            "--served-model-name",
-            spec.served_model_name,
-            "--host",
-            spec.host,
-            "--port",
-            str(spec.port),
-            "--tp-size",
-            str(len(spec.gpu_indices)),
-            "--enable-metrics",
+            *launch_server_args(spec, tp_size=len(spec.gpu_indices)),
         ]
-        if spec.mem_fraction_static is not None:
-            command += ["--mem-fraction-static", f"{spec.mem_fraction_static:g}"]
-        return command + list(spec.extra_args)
 
     def environment(self, spec: LaunchSpec, base: Mapping[str, str]) -> dict[str, str]:
         return gpu_environment(spec, base)

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from agent.runtimes.base import LaunchSpec, gpu_environment
+from agent.runtimes.base import LaunchSpec, gpu_environment, launch_server_args
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,27 +19,15 @@ class SimulatedRuntime:
     name: str = "simulated"
 
     def command(self, spec: LaunchSpec) -> list[str]:
-        command = [
+        # The simulated server takes SGLang's own flags, plus the GPU model it imitates.
+        return [
             self.python,
             "-m",
             "agent.runtimes.simulated_server",
-            "--model-path",
-            str(spec.model_path),
-            "--served-model-name",
-            spec.served_model_name,
-            "--host",
-            spec.host,
-            "--port",
-            str(spec.port),
-            "--tp-size",
-            str(max(1, len(spec.gpu_indices))),
-            "--enable-metrics",
-            "--gpu-model",
-            spec.gpu_model,
+            *launch_server_args(
+                spec, tp_size=max(1, len(spec.gpu_indices)), extra=("--gpu-model", spec.gpu_model)
+            ),
         ]
-        if spec.mem_fraction_static is not None:
-            command += ["--mem-fraction-static", f"{spec.mem_fraction_static:g}"]
-        return command + list(spec.extra_args)
 
     def environment(self, spec: LaunchSpec, base: Mapping[str, str]) -> dict[str, str]:
         return gpu_environment(spec, base)
