@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -37,6 +38,96 @@ class ServerTls(Strict):
     client_ca_file: Path | None = None
 
 
+class TemporalSettings(Strict):
+    """The Temporal service whose workflows act on the fleet (the dev server locally)."""
+
+    address: str = Field(description="host:port of the Temporal frontend.")
+    namespace: str = Field(default="default", min_length=1)
+    task_queue: str = Field(
+        default="spillway-control", min_length=1, description="The control plane's task queue."
+    )
+
+    _check_address = field_validator("address")(check_listen)
+
+
+class SpillSettings(Strict):
+    """How the workflows pace and bound their work."""
+
+    decide_every_s: float | None = Field(
+        default=None, gt=0, le=3600, description="Autoscaling tick; default: report_interval_s."
+    )
+    weights_dir: str = Field(
+        default="/var/lib/spillway/weights",
+        min_length=1,
+        description="Where on a node prefetched weights go (one directory per deployment).",
+    )
+    weights_endpoint_url: str | None = Field(
+        default=None, description="Another S3-compatible endpoint for s3:// weights."
+    )
+    launch_offers: int = Field(
+        default=5, ge=1, le=50, description="Offers a provision walks before it gives up."
+    )
+    register_timeout_s: float = Field(default=900, gt=0, description="Launch to agent registered.")
+    prefetch_timeout_s: float = Field(default=3600, gt=0)
+    start_timeout_s: float = Field(default=1800, gt=0, description="Start to replica healthy.")
+    drain_timeout_s: float = Field(default=600, gt=0)
+    heartbeat_timeout_s: float = Field(
+        default=30, gt=0, description="A worker silent this long is presumed dead; retried."
+    )
+    failure_backoff_s: float = Field(
+        default=60, ge=0, description="After a failed provision, wait this long before the next."
+    )
+    sweep_every_s: float = Field(default=60, gt=0, description="How often leaks are looked for.")
+    leak_grace_s: float = Field(
+        default=900, ge=0, description="A managed machine nobody owns for this long is a leak."
+    )
+
+
+class AwsCloud(Strict):
+    image: str = Field(min_length=1, description="AMI id the machines boot.")
+    endpoint_url: str | None = Field(default=None, description="Another EC2 endpoint (tests).")
+    regions: list[str] | None = Field(
+        default=None, description="Regions searched for machines (default: the catalog's)."
+    )
+    subnets: dict[str, str] = Field(default_factory=dict, description="zone -> subnet id.")
+    security_group_ids: list[str] = Field(default_factory=list)
+    instance_profile_arn: str = ""
+
+
+class GcpCloud(Strict):
+    image: str = Field(min_length=1, description="Image or image family link.")
+    api_endpoint: str | None = None
+    network: str = "global/networks/default"
+    subnetwork: str = ""
+    service_account: str = ""
+
+
+class AzureCloud(Strict):
+    image: str = Field(min_length=1, description="Image id or publisher:offer:sku:version.")
+    resource_group: str = Field(min_length=1)
+    subnet_id: str = Field(min_length=1, description="Full resource id of the subnet.")
+    admin_ssh_public_key: str = Field(min_length=1)
+    base_url: str | None = None
+
+
+class Clouds(Strict):
+    """Per cloud: the image machines boot and where they go. Credentials are in the policy."""
+
+    aws: AwsCloud | None = None
+    gcp: GcpCloud | None = None
+    azure: AzureCloud | None = None
+
+
+class StandIn(Strict):
+    """Demos and tests without real machines: every machine launched through a cloud API is
+    stood in for by a local ``spillway agent run`` process with the machine's labels."""
+
+    state_dir: Path
+    agent_settings: dict[str, Any] = Field(
+        default_factory=dict, description="Agent config keys merged into each stand-in's config."
+    )
+
+
 class SchedulerConfig(Strict):
     listen: str = Field(default="127.0.0.1:50051", description="gRPC listen address.")
     metrics_listen: str | None = Field(
@@ -48,6 +139,16 @@ class SchedulerConfig(Strict):
     gone_after_intervals: float = Field(default=12, gt=0)
     max_message_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
     tls: ServerTls | None = None
+    policy_file: Path | None = Field(
+        default=None, description="The policy; reloaded when it changes. None: observe only."
+    )
+    policy_reload_every_s: float = Field(default=2.0, gt=0, le=3600)
+    temporal: TemporalSettings | None = Field(
+        default=None, description="Where workflows run; needed with policy_file."
+    )
+    spill: SpillSettings = Field(default_factory=SpillSettings)
+    clouds: Clouds = Field(default_factory=Clouds)
+    stand_in: StandIn | None = None
 
     _check_listen = field_validator("listen")(check_listen)
 
@@ -60,7 +161,13 @@ class SchedulerConfig(Strict):
     def _order(self) -> SchedulerConfig:
         if self.gone_after_intervals <= self.stale_after_intervals:
             raise ValueError("gone_after_intervals must be greater than stale_after_intervals")
+        if self.policy_file is not None and self.temporal is None:
+            raise ValueError("policy_file needs a temporal section: the workflows act on it")
         return self
+
+    @property
+    def decide_every_s(self) -> float:
+        return self.spill.decide_every_s or self.report_interval_s
 
 
 def load_scheduler_config(path: Path | str) -> SchedulerConfig:
@@ -74,4 +181,9 @@ def load_scheduler_config(path: Path | str) -> SchedulerConfig:
         tls.cert_file = resolve_path(base, tls.cert_file) or tls.cert_file
         tls.key_file = resolve_path(base, tls.key_file) or tls.key_file
         tls.client_ca_file = resolve_path(base, tls.client_ca_file)
+    config.policy_file = resolve_path(base, config.policy_file)
+    if config.stand_in is not None:
+        config.stand_in.state_dir = (
+            resolve_path(base, config.stand_in.state_dir) or config.stand_in.state_dir
+        )
     return config

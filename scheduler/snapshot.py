@@ -14,10 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from providers.base import KEY_LABEL
 from providers.catalog import Catalog
 from scheduler.fleet import AgentHealth, AgentRecord, ReplicaState
 
-#: Labels an agent on a rented machine may carry: the instance type it runs on.
+#: Labels an agent on a rented machine carries: the instance type it runs on, and the
+#: idempotency key of the launch that created the machine.
 INSTANCE_TYPE_LABEL = "instance_type"
 
 
@@ -35,6 +37,8 @@ class AgentView:
     instance_type: str = ""
     #: List price of the machine, USD per hour; 0 when unknown or owned.
     usd_per_hour: float = 0.0
+    #: The launch key of the machine when Spillway rented it; empty otherwise.
+    key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +123,7 @@ def snapshot_from_fleet(
                 free_gpus=free,
                 instance_type=itype,
                 usd_per_hour=_price(catalog, labels.provider, itype, labels.region),
+                key=labels.extra.get(KEY_LABEL, ""),
             )
         )
     return FleetSnapshot(tuple(views), tuple(replicas))

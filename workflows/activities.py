@@ -1,0 +1,363 @@
+"""The control plane's activities: plan, launch, wait for agents and replicas, terminate, list.
+
+They run in the scheduler process (task queue ``spillway-control``), next to the fleet state
+the gRPC server keeps, the policy in force and the provider adapters. Cloud SDK calls block, so
+they run in a thread while the activity heartbeats; a worker that dies mid-call is noticed
+within the heartbeat timeout and the call is retried, which is safe because launch is
+idempotent by key and terminate is idempotent.
+
+Errors: a provider error a retry cannot fix becomes a non-retryable ``ApplicationError`` whose
+``type`` is the error class (``CapacityError``, ``QuotaError``, ``ResidencyError``, ...), so the
+provision workflow decides from the type alone; transient errors are left to the retry policy.
+
+This module decides nothing by itself: placement and autoscaling are pure functions in
+``scheduler/``, the order of steps is the workflows'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.exceptions import ApplicationError
+
+from providers.base import KEY_LABEL, CapacityMemory, LaunchRequest, Provider
+from providers.catalog import Catalog
+from providers.errors import (
+    CapacityError,
+    ProviderError,
+    QuotaError,
+    ResidencyError,
+    TransientError,
+    UnknownSkuError,
+)
+from scheduler.config import SpillSettings
+from scheduler.fleet import AgentHealth, FleetState, ReplicaState
+from scheduler.policy import resolve_lock, spill_providers
+from scheduler.policystore import PolicyStore
+from scheduler.snapshot import INSTANCE_TYPE_LABEL, snapshot_from_fleet
+from workflows.planning import plan_step
+from workflows.types import (
+    FindMachinesInput,
+    FindMachinesOutput,
+    LaunchInput,
+    LaunchOutput,
+    ManagedMachine,
+    PlanInput,
+    PlanOutput,
+    TerminateInput,
+    TerminateOutput,
+    Timeouts,
+    WaitAgentInput,
+    WaitAgentOutput,
+    WaitReplicaInput,
+    WaitReplicaOutput,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+HEARTBEAT_EVERY_S = 1.0
+POLL_S = 0.2
+
+
+def refusal(exc: ProviderError) -> ApplicationError:
+    """A provider error as the application error the workflows decide on."""
+    retryable = isinstance(exc, TransientError)
+    return ApplicationError(str(exc), type=type(exc).__name__, non_retryable=not retryable)
+
+
+@dataclass
+class ControlPlane:
+    """What the activities act on; one per scheduler process."""
+
+    fleet: FleetState
+    policies: PolicyStore
+    catalog: Catalog
+    providers: dict[str, Provider]
+    settings: SpillSettings
+    decide_every_s: float
+    memory: CapacityMemory = field(default_factory=CapacityMemory)
+    #: Set once connected; the sweeper asks it whether a provision still runs.
+    client: Client | None = None
+    #: Called with (deployment, offer description) right before each launch call (benchmarks).
+    on_launch: Callable[[str, str], None] | None = None
+    #: cloud -> the image its machines boot.
+    images: dict[str, str] = field(default_factory=dict)
+
+
+async def _heartbeating(func: Callable[[], T], what: str) -> T:
+    """Run blocking ``func`` in a thread, heartbeating until it returns."""
+    task = asyncio.ensure_future(asyncio.to_thread(func))
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY_S)
+        if done:
+            return task.result()
+        activity.heartbeat(what)
+
+
+class ControlActivities:
+    """The activities, bound to one :class:`ControlPlane`."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [
+            self.plan_deployment,
+            self.launch_instance,
+            self.wait_for_agent,
+            self.wait_for_replica,
+            self.terminate_instance,
+            self.find_machines,
+        ]
+
+    def _provider(self, cloud: str) -> Provider:
+        provider = self.plane.providers.get(cloud)
+        if provider is None:
+            raise ApplicationError(
+                f"no provider is configured for {cloud!r} (configured: "
+                f"{', '.join(sorted(self.plane.providers)) or 'none'}); add clouds.{cloud} to "
+                "the scheduler config",
+                type="ProviderNotConfigured",
+                non_retryable=True,
+            )
+        return provider
+
+    @activity.defn(name="plan_deployment")
+    async def plan_deployment(self, request: PlanInput) -> PlanOutput:
+        """Autoscaling and placement for one deployment against the live fleet and policy."""
+        plane = self.plane
+        store = plane.policies
+        snapshot = snapshot_from_fleet(plane.fleet.agents(), plane.catalog)
+        clouds = set(plane.providers)
+
+        def skip(cloud: str, itype: str, zone: str) -> bool:
+            return cloud not in clouds or plane.memory.blocked(cloud, itype, zone)
+
+        out = plan_step(
+            store.policy,
+            snapshot,
+            plane.catalog,
+            request,
+            time.time(),
+            lambda: f"{request.deployment[:48]}-{uuid.uuid4().hex[:8]}",
+            skip_zone=skip,
+            offers_per_provision=plane.settings.launch_offers,
+        )
+        s = plane.settings
+        out.policy_digest = store.digest
+        out.timeouts = Timeouts(
+            register_s=s.register_timeout_s,
+            prefetch_s=s.prefetch_timeout_s,
+            start_s=s.start_timeout_s,
+            drain_s=s.drain_timeout_s,
+            heartbeat_s=s.heartbeat_timeout_s,
+        )
+        out.decide_every_s = plane.decide_every_s
+        out.failure_backoff_s = s.failure_backoff_s
+        out.weights_dir = s.weights_dir
+        out.weights_endpoint_url = s.weights_endpoint_url or ""
+        if store.errors:
+            out.notes.append(
+                f"the newest edit of the policy was refused, the previous one is in force: "
+                f"{store.errors[0]}"
+            )
+        return out
+
+    @activity.defn(name="launch_instance")
+    async def launch_instance(self, request: LaunchInput) -> LaunchOutput:
+        """Launch (or find, by key) the machine for one offer, inside the policy in force now."""
+        offer = request.offer
+        provider = self._provider(offer.cloud)
+        policy = self.plane.policies.policy
+        dep = policy.deployments.get(request.deployment)
+        if dep is None or not dep.spillover.enabled:
+            raise ApplicationError(
+                f"{request.deployment}: the policy in force no longer lets it spill; "
+                f"{offer.describe()} not launched",
+                type="PolicyForbids",
+                non_retryable=True,
+            )
+        if offer.cloud not in spill_providers(policy, dep):
+            raise ApplicationError(
+                f"{request.deployment}: {offer.cloud} is no longer an allowed provider",
+                type="PolicyForbids",
+                non_retryable=True,
+            )
+        lock = resolve_lock(policy, dep, self.plane.catalog)
+        if lock.regions is None:
+            allowed = frozenset(self.plane.catalog.cloud(offer.cloud).regions)
+        else:
+            allowed = frozenset(r for c, r in lock.regions if c == offer.cloud)
+        launch = LaunchRequest(
+            key=request.key,
+            instance_type=offer.instance_type,
+            region=offer.region,
+            image=self.plane.images.get(offer.cloud, ""),
+            allowed_regions=allowed,
+            labels={
+                "spillway-deployment": request.deployment,
+                INSTANCE_TYPE_LABEL: offer.instance_type,
+            },
+            zones=tuple(offer.zones),
+        )
+        if self.plane.on_launch is not None:
+            self.plane.on_launch(request.deployment, offer.describe())
+        try:
+            instance = await _heartbeating(
+                lambda: provider.launch(launch), f"launching {offer.describe()}"
+            )
+        except (CapacityError, QuotaError, UnknownSkuError) as exc:
+            for zone in offer.zones or [""]:
+                self.plane.memory.mark(offer.cloud, offer.instance_type, zone)
+            raise refusal(exc) from exc
+        except ResidencyError as exc:
+            raise refusal(exc) from exc
+        except ProviderError as exc:
+            raise refusal(exc) from exc
+        log.info(
+            "launched %s for %s as %s (%s)",
+            offer.describe(),
+            request.deployment,
+            instance.instance_id,
+            request.key,
+        )
+        return LaunchOutput(
+            key=request.key,
+            cloud=instance.cloud,
+            instance_id=instance.instance_id,
+            region=instance.region,
+            zone=instance.zone,
+            instance_type=instance.instance_type,
+        )
+
+    @activity.defn(name="wait_for_agent")
+    async def wait_for_agent(self, request: WaitAgentInput) -> WaitAgentOutput:
+        """Return once an agent on the machine of ``key`` has registered and reports."""
+        deadline = time.monotonic() + request.timeout_s
+        last_beat = 0.0
+        while True:
+            for record, health in self.plane.fleet.agents():
+                reg = record.registration
+                if reg.labels.extra.get(KEY_LABEL) != request.key:
+                    continue
+                if health is AgentHealth.CONNECTED and record.report is not None:
+                    return WaitAgentOutput(reg.agent_id, [g.index for g in reg.gpus])
+            now = time.monotonic()
+            if now >= deadline:
+                raise ApplicationError(
+                    f"no agent registered from the machine of {request.key} within "
+                    f"{request.timeout_s:.0f}s",
+                    type="AgentNeverRegistered",
+                    non_retryable=True,
+                )
+            if now - last_beat >= HEARTBEAT_EVERY_S:
+                activity.heartbeat(f"waiting for the agent of {request.key}")
+                last_beat = now
+            await asyncio.sleep(POLL_S)
+
+    @activity.defn(name="wait_for_replica")
+    async def wait_for_replica(self, request: WaitReplicaInput) -> WaitReplicaOutput:
+        """Return once the fleet state shows the replica healthy: it serves the deployment."""
+        deadline = time.monotonic() + request.timeout_s
+        last_beat = 0.0
+        state = "unknown"
+        while True:
+            record = self.plane.fleet.get(request.agent_id)
+            if record is not None and record.report is not None:
+                for replica in record.report.replicas:
+                    if replica.replica_id != request.replica_id:
+                        continue
+                    state = replica.state.value
+                    if replica.state is ReplicaState.HEALTHY:
+                        return WaitReplicaOutput(request.replica_id, state)
+                    if replica.state is ReplicaState.FAILED:
+                        raise ApplicationError(
+                            f"replica {request.replica_id} failed on {request.agent_id}: "
+                            f"{replica.state_reason}",
+                            type="ReplicaFailed",
+                            non_retryable=True,
+                        )
+            now = time.monotonic()
+            if now >= deadline:
+                raise ApplicationError(
+                    f"replica {request.replica_id} on {request.agent_id} not reported healthy "
+                    f"within {request.timeout_s:.0f}s (last seen: {state})",
+                    type="NeverHealthy",
+                    non_retryable=True,
+                )
+            if now - last_beat >= HEARTBEAT_EVERY_S:
+                activity.heartbeat(state)
+                last_beat = now
+            await asyncio.sleep(POLL_S)
+
+    @activity.defn(name="terminate_instance")
+    async def terminate_instance(self, request: TerminateInput) -> TerminateOutput:
+        """Terminate the machine of ``key``; silent when it is already gone."""
+        provider = self._provider(request.cloud)
+        try:
+            await _heartbeating(
+                lambda: provider.terminate(request.key), f"terminating {request.key}"
+            )
+        except TransientError as exc:
+            raise refusal(exc) from exc
+        except ProviderError as exc:
+            # Anything else is retried too: a machine must never be left behind silently.
+            raise ApplicationError(str(exc), type=type(exc).__name__) from exc
+        log.info("terminated %s on %s: %s", request.key, request.cloud, request.reason)
+        return TerminateOutput(request.key, True)
+
+    @activity.defn(name="find_machines")
+    async def find_machines(self, _: FindMachinesInput) -> FindMachinesOutput:
+        """Every managed machine on every configured cloud, each with its owner if it has one.
+
+        A machine is owned while the provision that launched it runs, or while its agent hosts
+        a replica of a deployment in the policy in force.
+        """
+        plane = self.plane
+        policy = plane.policies.policy
+        serving: dict[str, str] = {}
+        for record, _health in plane.fleet.agents():
+            key = record.registration.labels.extra.get(KEY_LABEL)
+            if not key or record.report is None:
+                continue
+            for replica in record.report.replicas:
+                if replica.deployment in policy.deployments:
+                    serving[key] = f"serves {replica.deployment} ({replica.replica_id})"
+        out = FindMachinesOutput(now=time.time())
+        for cloud, provider in sorted(plane.providers.items()):
+            try:
+                found = await _heartbeating(provider.list_managed, f"listing {cloud}")
+            except ProviderError as exc:
+                out.errors.append(f"{cloud}: {exc}")
+                continue
+            for instance in found:
+                owner = serving.get(instance.key, "")
+                if not owner:
+                    owner = await self._provision_owner(instance.key)
+                out.machines.append(
+                    ManagedMachine(
+                        instance.cloud, instance.key, instance.instance_id, instance.region, owner
+                    )
+                )
+        return out
+
+    async def _provision_owner(self, key: str) -> str:
+        """ "provision W runs" when the workflow that launched ``key`` is still running."""
+        client = self.plane.client
+        workflow_id = key.rsplit(".", 1)[0]
+        if client is None or not key.startswith("provision-"):
+            return ""
+        with contextlib.suppress(Exception):
+            described = await client.get_workflow_handle(workflow_id).describe()
+            if described.status == WorkflowExecutionStatus.RUNNING:
+                return f"provision {workflow_id} runs"
+        return ""

@@ -1,0 +1,361 @@
+"""The dataclasses workflows and activities take and return: one in, one out for each.
+
+Plain dataclasses of plain fields (str, numbers, lists, nested dataclasses), so Temporal's JSON
+converter carries them and fields can be added later with defaults. The node activities'
+inputs mirror the agent's own dataclasses field by field (the agent owns those; a test checks
+they agree): workflows call node activities by name and never import agent code.
+
+Nothing here may do I/O or import anything heavier than the standard library: the workflow
+sandbox imports this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: Application error types that mean "this offer cannot be had now; try the next one".
+TRY_NEXT_OFFER = ("CapacityError", "QuotaError", "UnknownSkuError", "UnknownRegionError")
+
+
+@dataclass
+class OfferChoice:
+    """One cloud offer a provision may launch: an instance type in a region at a price."""
+
+    cloud: str
+    instance_type: str
+    region: str
+    zones: list[str] = field(default_factory=list)
+    usd_per_hour: float = 0.0
+
+    def describe(self) -> str:
+        return f"{self.cloud} {self.instance_type} in {self.region} (${self.usd_per_hour:.2f}/h)"
+
+
+@dataclass
+class ReplicaTemplate:
+    """What every replica of a deployment runs, taken from the policy when it is planned."""
+
+    deployment: str
+    model: str
+    weights: str
+    runtime: str
+    runtime_args: list[str] = field(default_factory=list)
+    sku: str = ""
+    gpus: int = 1
+
+
+@dataclass
+class Timeouts:
+    register_s: float = 900.0
+    prefetch_s: float = 3600.0
+    start_s: float = 1800.0
+    drain_s: float = 600.0
+    heartbeat_s: float = 30.0
+
+
+@dataclass
+class SamplePoint:
+    at: float
+    value: float
+
+
+@dataclass
+class PendingReplica:
+    """A replica a workflow is bringing up; counted as capacity before it reports."""
+
+    replica_id: str
+    workflow_id: str
+    where: str  # "reserved" or "cloud"
+    agent_id: str = ""
+    gpu_indices: list[int] = field(default_factory=list)
+    usd_per_hour: float = 0.0
+    #: When the provision started (workflow time, seconds since the epoch).
+    since: float = 0.0
+
+
+# -- the deployment workflow and its planning activity --------------------------------------------
+
+
+@dataclass
+class PlanInput:
+    deployment: str
+    samples: list[SamplePoint] = field(default_factory=list)
+    last_change_at: float | None = None
+    pending: list[PendingReplica] = field(default_factory=list)
+    #: Replica ids being released: no longer counted as capacity.
+    releasing: list[str] = field(default_factory=list)
+    #: No new provisions before this time (after a failure); releases still happen.
+    hold_until: float = 0.0
+
+
+@dataclass
+class PlannedStart:
+    replica_id: str
+    where: str  # "reserved" or "cloud"
+    reason: str
+    agent_id: str = ""
+    gpu_indices: list[int] = field(default_factory=list)
+    #: Cloud placements: the chosen offer first, then the ones to fail over to, in order.
+    offers: list[OfferChoice] = field(default_factory=list)
+
+
+@dataclass
+class PlannedRelease:
+    replica_id: str
+    agent_id: str
+    reason: str
+    cloud: str = ""
+    #: The machine's idempotency key; empty for a replica on a machine Spillway did not rent.
+    key: str = ""
+    usd_per_hour: float = 0.0
+
+
+@dataclass
+class PlanOutput:
+    #: False once the deployment is no longer in the policy: its workflow ends.
+    exists: bool
+    now: float
+    policy_digest: str = ""
+    sample: SamplePoint | None = None
+    current: int = 0
+    desired: int = 0
+    #: Why, for people: the autoscaling decision and the placement.
+    reason: str = ""
+    starts: list[PlannedStart] = field(default_factory=list)
+    releases: list[PlannedRelease] = field(default_factory=list)
+    #: Set when no offer inside the residency lock can ever take a replica.
+    lock_error: str = ""
+    notes: list[str] = field(default_factory=list)
+    template: ReplicaTemplate | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    decide_every_s: float = 5.0
+    failure_backoff_s: float = 60.0
+    #: How long samples are kept: the longest window of the deployment.
+    window_s: float = 600.0
+    weights_dir: str = ""
+    weights_endpoint_url: str = ""
+
+
+@dataclass
+class DeploymentInput:
+    deployment: str
+    samples: list[SamplePoint] = field(default_factory=list)
+    last_change_at: float | None = None
+    pending: list[PendingReplica] = field(default_factory=list)
+    releasing: list[str] = field(default_factory=list)
+    hold_until: float = 0.0
+    recent: list[str] = field(default_factory=list)
+    runs: int = 0
+
+
+@dataclass
+class DeploymentStatus:
+    """What ``query state`` answers: the deployment as its workflow sees it."""
+
+    deployment: str
+    policy_digest: str = ""
+    current: int = 0
+    desired: int = 0
+    reason: str = ""
+    lock_error: str = ""
+    signal: float | None = None
+    pending: list[PendingReplica] = field(default_factory=list)
+    releasing: list[str] = field(default_factory=list)
+    hold_until: float = 0.0
+    #: The newest events, oldest first: decisions, provisions and releases with their outcome.
+    recent: list[str] = field(default_factory=list)
+    ticks: int = 0
+
+
+@dataclass
+class PolicyChanged:
+    digest: str
+
+
+# -- provision --------------------------------------------------------------------------------
+
+
+@dataclass
+class ProvisionInput:
+    parent_id: str
+    replica_id: str
+    template: ReplicaTemplate
+    where: str  # "reserved" or "cloud"
+    agent_id: str = ""
+    gpu_indices: list[int] = field(default_factory=list)
+    offers: list[OfferChoice] = field(default_factory=list)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    weights_dir: str = ""
+    #: Another endpoint for the weights' object store (an S3-compatible one, tests).
+    weights_endpoint_url: str = ""
+
+
+@dataclass
+class ProvisionResult:
+    replica_id: str
+    ok: bool
+    workflow_id: str = ""
+    agent_id: str = ""
+    cloud: str = ""
+    key: str = ""
+    instance_type: str = ""
+    region: str = ""
+    usd_per_hour: float = 0.0
+    #: One line per offer tried or step failed, in order.
+    attempts: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class LaunchInput:
+    deployment: str
+    key: str
+    offer: OfferChoice
+
+
+@dataclass
+class LaunchOutput:
+    key: str
+    cloud: str
+    instance_id: str
+    region: str
+    zone: str
+    instance_type: str
+
+
+@dataclass
+class WaitAgentInput:
+    key: str
+    timeout_s: float
+
+
+@dataclass
+class WaitAgentOutput:
+    agent_id: str
+    gpu_indices: list[int] = field(default_factory=list)
+
+
+@dataclass
+class WaitReplicaInput:
+    agent_id: str
+    replica_id: str
+    timeout_s: float
+
+
+@dataclass
+class WaitReplicaOutput:
+    replica_id: str
+    state: str
+
+
+@dataclass
+class TerminateInput:
+    cloud: str
+    key: str
+    reason: str = ""
+
+
+@dataclass
+class TerminateOutput:
+    key: str
+    terminated: bool
+
+
+# -- node activities (run by the agent's worker on ``agent-<id>``) ------------------------------
+
+
+@dataclass
+class PrefetchWeightsArgs:
+    source: str
+    destination: str
+    files: list[str] = field(default_factory=list)
+    endpoint_url: str | None = None
+    connections: int | None = None
+    range_size: int | None = None
+    retries: int = 6
+    fsync: bool = True
+
+
+@dataclass
+class StartReplicaArgs:
+    replica_id: str
+    deployment: str
+    model_path: str
+    gpu_indices: list[int]
+    served_model_name: str = ""
+    runtime: str = ""
+    port: int = 0
+    mem_fraction_static: float | None = None
+    extra_args: list[str] = field(default_factory=list)
+    healthy_timeout_s: float | None = None
+
+
+@dataclass
+class DrainReplicaArgs:
+    replica_id: str
+    timeout_s: float | None = None
+
+
+@dataclass
+class StopReplicaArgs:
+    replica_id: str
+    timeout_s: float | None = None
+
+
+# -- release and the sweeper ------------------------------------------------------------------
+
+
+@dataclass
+class ReleaseInput:
+    parent_id: str
+    deployment: str
+    release: PlannedRelease
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass
+class ReleaseResult:
+    replica_id: str
+    drained: str
+    terminated: bool
+    reason: str = ""
+
+
+@dataclass
+class ManagedMachine:
+    cloud: str
+    key: str
+    instance_id: str
+    region: str
+    #: Why it is not a leak; empty when nobody owns it.
+    owner: str = ""
+
+
+@dataclass
+class FindMachinesInput:
+    pass
+
+
+@dataclass
+class FindMachinesOutput:
+    machines: list[ManagedMachine] = field(default_factory=list)
+    #: Clouds that could not be listed this time, with the error.
+    errors: list[str] = field(default_factory=list)
+    now: float = 0.0
+
+
+@dataclass
+class SweeperInput:
+    every_s: float = 60.0
+    grace_s: float = 900.0
+    #: key -> when it was first seen without an owner.
+    unowned_since: dict[str, float] = field(default_factory=dict)
+    terminated: list[str] = field(default_factory=list)
+    runs: int = 0
+
+
+@dataclass
+class SweeperStatus:
+    unowned_since: dict[str, float] = field(default_factory=dict)
+    terminated: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
