@@ -31,7 +31,7 @@ from scheduler.fleet import FleetState
 from scheduler.policystore import PolicyStore
 from tests.conftest import write_yaml
 from tests.fakes.azure_compute import AzureFault, FakeArm
-from tests.fakes.gcp_compute import Fault, FakeCompute
+from tests.fakes.gcp_compute import FakeCompute, Fault
 from tests.providers.test_azure import NETWORK, RG, SUB, StaticToken
 from tests.workflows.conftest import ec2_instances
 from workflows.activities import ControlActivities, ControlPlane

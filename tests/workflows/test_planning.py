@@ -1,0 +1,116 @@
+"""One planning step: pending replicas count and hold their GPUs, releases do not count,
+failover lists stay inside the lock and the spend cap. Pure: no Temporal needed."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from scheduler.fleet import ReplicaState
+from scheduler.policy import Policy
+from scheduler.snapshot import FleetSnapshot, ReplicaView
+from tests.scheduler.test_placement import CATALOG, agent
+from workflows.planning import plan_step, with_pending
+from workflows.types import PendingReplica, PlanInput, SamplePoint
+
+
+def policy(**spill: Any) -> Policy:
+    spillover = {
+        "enabled": True,
+        "providers": ["aws", "gcp"],
+        "residency": "eu",
+        "max_spilled_replicas": 3,
+        "scale_up_window_s": 2,
+        "cool_down_s": 10,
+        **spill,
+    }
+    return Policy.model_validate(
+        {
+            "credentials": {"aws": {"profile": "p"}, "gcp": {"profile": "p"}},
+            "deployments": {
+                "chat": {
+                    "model": "m",
+                    "weights": "s3://b/m",
+                    "sku": "H100-80GB",
+                    "gpus": 8,
+                    "pools": ["reserved-eu"],
+                    "max_replicas": 8,
+                    "autoscaling": {"target": 4, "max_step_up": 2},
+                    "spillover": spillover,
+                }
+            },
+        }
+    )
+
+
+def busy(queued: int, *ids: str) -> tuple[ReplicaView, ...]:
+    return tuple(ReplicaView(i, "chat", "a", ReplicaState.HEALTHY, 8, queued) for i in ids)
+
+
+def ids() -> Any:
+    counter = itertools.count(1)
+    return lambda: f"chat-{next(counter)}"
+
+
+SATURATED = [SamplePoint(90.0, 9.0), SamplePoint(97.0, 9.0)]
+
+
+def test_saturation_fills_reserved_then_rents_with_failover_offers_inside_the_lock() -> None:
+    snap = FleetSnapshot((agent("a", 8),), busy(9, "r0"))
+    out = plan_step(
+        policy(max_usd_per_hour=130), snap, CATALOG, PlanInput("chat", SATURATED), 100.0, ids()
+    )
+    assert out.exists and out.current == 1 and out.desired == 3
+    assert [(s.where, s.agent_id, s.gpu_indices) for s in out.starts] == [
+        ("reserved", "a", list(range(8))),
+        ("cloud", "", []),
+    ]
+    offers = out.starts[1].offers
+    assert offers, out.reason
+    chosen = offers[0]
+    # Every fallback is inside `eu`, and each fits what is left of the cap after the chosen one.
+    for offer in offers:
+        assert CATALOG.region(offer.cloud, offer.region).residency == "eu"
+        assert offer.usd_per_hour <= 130 + 1e-9
+    assert [o.usd_per_hour for o in offers[1:]] == sorted(o.usd_per_hour for o in offers[1:])
+    assert chosen.usd_per_hour <= min(o.usd_per_hour for o in offers)
+    assert out.template is not None and out.template.gpus == 8
+
+
+def test_pending_replicas_hold_their_gpus_and_stop_further_scale_up() -> None:
+    snap = FleetSnapshot((agent("a", 8),), busy(9, "r0"))
+    pending = [PendingReplica("chat-p", "provision-chat-p", "reserved", "a", [0, 1, 2, 3])]
+    view = with_pending(snap, "chat", pending, set())
+    assert view.agents[0].free_gpus == (4, 5, 6, 7)
+    assert view.replicas[1].state is ReplicaState.STARTING
+    assert [r.replica_id for r in view.replicas] == ["r0", "chat-p"]
+    out = plan_step(
+        policy(), snap, CATALOG, PlanInput("chat", SATURATED, pending=pending), 100.0, ids()
+    )
+    assert out.current == 2 and out.starts == []
+    assert "still coming up" in out.reason
+
+
+def test_releasing_replicas_do_not_count_and_a_failure_holds_provisions() -> None:
+    snap = FleetSnapshot((agent("a", 0),), busy(9, "r0", "r1"))
+    out = plan_step(
+        policy(),
+        snap,
+        CATALOG,
+        PlanInput("chat", SATURATED, releasing=["r1"], hold_until=130.0),
+        100.0,
+        ids(),
+    )
+    assert out.current == 1
+    assert out.starts == []
+    assert "the last provision failed; holding for 30s" in out.reason
+
+
+def test_a_deployment_gone_from_the_policy_ends_and_an_impossible_lock_is_reported() -> None:
+    out = plan_step(policy(), FleetSnapshot((), ()), CATALOG, PlanInput("gone"), 1.0, ids())
+    assert not out.exists
+    locked = policy(residency="ch", providers=["gcp"])
+    snap = FleetSnapshot((agent("a", 0),), busy(9, "r0"))
+    out = plan_step(locked, snap, CATALOG, PlanInput("chat", SATURATED), 100.0, ids())
+    assert out.starts == []
+    assert out.lock_error and "nothing is placed outside the lock" in out.lock_error
