@@ -25,6 +25,8 @@ from providers.errors import CapacityError, InvalidRequestError, ResidencyError
 MANAGED_LABEL = "spillway-managed"
 #: Label/tag carrying the idempotency key (or, where values are restricted, its digest).
 KEY_LABEL = "spillway-key"
+#: Agent label naming the instance type of the rented machine it runs on.
+INSTANCE_TYPE_LABEL = "instance_type"
 
 InstanceState = Literal["pending", "running", "stopping", "stopped", "terminated", "failed"]
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")

@@ -190,6 +190,43 @@ class LocalProvider(Provider):
     def launch(self, request: LaunchRequest) -> Instance:
         sku_name, gpus = self._check(request)
         sku = self.catalog.skus[sku_name]
+        return self.boot(
+            request,
+            provider="local",
+            region=self.region,
+            zone="",
+            residency=self.residency,
+            instance_id=resource_name(request.key),
+            gpu_model=sku.gpu_model,
+            memory_gib=sku.memory_gib,
+            gpus=gpus,
+            pool=self.pool,
+        )
+
+    def agent_id_for(self, key: str) -> str:
+        """The agent id (and instance id) of the machine for ``key``."""
+        return resource_name(key)
+
+    def boot(
+        self,
+        request: LaunchRequest,
+        *,
+        provider: str,
+        region: str,
+        zone: str,
+        residency: str,
+        instance_id: str,
+        gpu_model: str,
+        memory_gib: float,
+        gpus: int,
+        pool: str,
+        extra_labels: Mapping[str, str] | None = None,
+    ) -> Instance:
+        """Start the agent for ``request.key`` with these labels, or return the running one.
+
+        The agent registers as a machine of ``provider`` in ``region`` would: same labels, a
+        static inventory of ``gpus`` GPUs of ``gpu_model``, and the ownership and key labels.
+        """
         with self._lock:
             path = self._record_path(request.key)
             record = self._read(path)
@@ -201,23 +238,27 @@ class LocalProvider(Provider):
             fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
                 handle.write(self._issue_token(agent_id) + "\n")
-            labels = {**request.labels, MANAGED_LABEL: "true", KEY_LABEL: request.key}
+            labels = {
+                **request.labels,
+                **(extra_labels or {}),
+                MANAGED_LABEL: "true",
+                KEY_LABEL: request.key,
+            }
             config: dict[str, Any] = {
                 "agent_id": agent_id,
                 "scheduler": {"address": self.scheduler_address, "token_file": str(token_file)},
                 "labels": {
-                    "pool": self.pool,
-                    "provider": "local",
-                    "region": self.region,
-                    "residency_group": self.residency,
-                    "instance_id": agent_id,
+                    "pool": pool,
+                    "provider": provider,
+                    "region": region,
+                    "zone": zone,
+                    "residency_group": residency,
+                    "instance_id": instance_id,
                     "extra": {k: str(v) for k, v in labels.items()},
                 },
                 "gpus": {
                     "discovery": "static",
-                    "static": [
-                        {"model": sku.gpu_model, "memory_gib": sku.memory_gib, "count": gpus}
-                    ],
+                    "static": [{"model": gpu_model, "memory_gib": memory_gib, "count": gpus}],
                 },
                 "reconnect": {"initial_backoff_s": 0.2, "max_backoff_s": 2.0},
             }
@@ -249,7 +290,7 @@ class LocalProvider(Provider):
                 agent_id=agent_id,
                 pid=child.pid,
                 instance_type=request.instance_type,
-                region=self.region,
+                region=region,
                 config=str(config_file),
                 log=str(log_file),
                 labels=labels,

@@ -14,13 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from providers.base import KEY_LABEL
+from providers.base import INSTANCE_TYPE_LABEL, KEY_LABEL
 from providers.catalog import Catalog
 from scheduler.fleet import AgentHealth, AgentRecord, ReplicaState
 
-#: Labels an agent on a rented machine carries: the instance type it runs on, and the
-#: idempotency key of the launch that created the machine.
-INSTANCE_TYPE_LABEL = "instance_type"
 
 
 @dataclass(frozen=True, slots=True)

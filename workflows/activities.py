@@ -29,7 +29,7 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 
-from providers.base import KEY_LABEL, CapacityMemory, LaunchRequest, Provider
+from providers.base import INSTANCE_TYPE_LABEL, KEY_LABEL, CapacityMemory, LaunchRequest, Provider
 from providers.catalog import Catalog
 from providers.errors import (
     CapacityError,
@@ -43,7 +43,7 @@ from scheduler.config import SpillSettings
 from scheduler.fleet import AgentHealth, FleetState, ReplicaState
 from scheduler.policy import resolve_lock, spill_providers
 from scheduler.policystore import PolicyStore
-from scheduler.snapshot import INSTANCE_TYPE_LABEL, snapshot_from_fleet
+from scheduler.snapshot import snapshot_from_fleet
 from workflows.planning import plan_step
 from workflows.types import (
     FindMachinesInput,

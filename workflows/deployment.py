@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         ProvisionResult,
         ReleaseInput,
         ReleaseResult,
+        trim_samples,
     )
 
 #: Ticks per run before continuing as new (or sooner when Temporal suggests it).
@@ -127,7 +128,7 @@ class DeploymentWorkflow:
             self.failure_backoff_s = plan.failure_backoff_s
             if plan.sample is not None:
                 samples.append(plan.sample)
-            samples = [x for x in samples if x.at >= plan.now - plan.window_s]
+            samples = trim_samples(samples, plan.now - plan.window_s)
             self._observe(plan)
             changed = await self._act(plan)
             if changed:

@@ -31,6 +31,7 @@ from workflows.types import (
     PlanOutput,
     ReplicaTemplate,
     SamplePoint,
+    trim_samples,
 )
 
 
@@ -138,7 +139,7 @@ def plan_step(
     current = sum(1 for r in view.replicas if r.deployment == name and not r.leaving)
     value = signal(name, dep, view)
     window = max(dep.spillover.scale_up_window_s, dep.spillover.cool_down_s)
-    samples = [Sample(s.at, s.value) for s in request.samples if s.at >= now - window]
+    samples = [Sample(s.at, s.value) for s in trim_samples(request.samples, now - window)]
     if value is not None:
         samples.append(Sample(now, value))
     decision = decide(name, dep, current, samples, now, request.last_change_at)

@@ -59,6 +59,17 @@ class SamplePoint:
     value: float
 
 
+def trim_samples(samples: list[SamplePoint], horizon: float) -> list[SamplePoint]:
+    """The samples at or after ``horizon``, and the newest one before it.
+
+    That one shows the signal already held when the window began; without it no window
+    could ever be covered from start to end.
+    """
+    before = [x for x in samples if x.at < horizon]
+    kept = [x for x in samples if x.at >= horizon]
+    return before[-1:] + kept
+
+
 @dataclass
 class PendingReplica:
     """A replica a workflow is bringing up; counted as capacity before it reports."""

@@ -3,6 +3,7 @@ failover lists stay inside the lock and the spend cap. Pure: no Temporal needed.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -11,7 +12,7 @@ from scheduler.policy import Policy
 from scheduler.snapshot import FleetSnapshot, ReplicaView
 from tests.scheduler.test_placement import CATALOG, agent
 from workflows.planning import plan_step, with_pending
-from workflows.types import PendingReplica, PlanInput, SamplePoint
+from workflows.types import PendingReplica, PlanInput, SamplePoint, trim_samples
 
 
 def policy(**spill: Any) -> Policy:
@@ -114,3 +115,29 @@ def test_a_deployment_gone_from_the_policy_ends_and_an_impossible_lock_is_report
     out = plan_step(locked, snap, CATALOG, PlanInput("chat", SATURATED), 100.0, ids())
     assert out.starts == []
     assert out.lock_error and "nothing is placed outside the lock" in out.lock_error
+
+
+def test_a_quiet_spell_as_long_as_the_cool_down_releases_the_spilled_replica() -> None:
+    """Samples a tick apart: the one just before the window shows the window was covered."""
+    spilled = agent("s", 0, pool="spill-aws", provider="aws", region="eu-north-1")
+    spilled = dataclasses.replace(spilled, key="provision-chat-1.0", usd_per_hour=57.79)
+    replicas = (
+        ReplicaView("r0", "chat", "a", ReplicaState.HEALTHY),
+        ReplicaView("r1", "chat", "s", ReplicaState.HEALTHY),
+    )
+    snap = FleetSnapshot((agent("a", 0), spilled), replicas)
+    samples: list[SamplePoint] = []
+    releases = []
+    now = 100.0
+    while not releases and now < 130:
+        out = plan_step(
+            policy(), snap, CATALOG, PlanInput("chat", samples, last_change_at=99.0), now, ids()
+        )
+        assert out.sample is not None
+        samples = trim_samples([*samples, out.sample], now - out.window_s)
+        releases = out.releases
+        now += 0.25
+    assert 110.0 <= now - 0.25 <= 110.5, now  # cool-down 10 s after the last change
+    assert [(r.replica_id, r.cloud, r.key) for r in releases] == [
+        ("r1", "aws", "provision-chat-1.0")
+    ]
