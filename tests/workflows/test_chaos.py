@@ -160,12 +160,13 @@ async def test_provision_survives_a_crash_at_every_activity_boundary(
                 id=workflow_id,
                 task_queue=queue,
                 execution_timeout=timedelta(minutes=5),
+                result_type=ProvisionResult,
             )
             for i, workflow_id in enumerate(ids)
         ]
         started = time.monotonic()
         results: list[ProvisionResult] = await asyncio.wait_for(
-            asyncio.gather(*(h.result(result_type=ProvisionResult) for h in handles)),
+            asyncio.gather(*(h.result() for h in handles)),
             timeout=240,
         )
         elapsed = time.monotonic() - started
