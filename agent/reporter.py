@@ -104,16 +104,26 @@ def build_report(
     )
 
 
+#: The scheduler refuses a report whose free-text fields are longer than this (the contract).
+MAX_TEXT = 256
+
+
+def clip(text: str) -> str:
+    """``text`` cut to fit :data:`MAX_TEXT`, marked as cut: a long reason must not cost the
+    whole report."""
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "\u2026"
+
+
 def _replica(r: ReplicaStatus) -> pb.Replica:
     message = pb.Replica(
         replica_id=r.replica_id,
         deployment=r.deployment,
-        model=r.model,
+        model=clip(r.model),
         runtime=r.runtime,
         port=r.port,
         gpu_indices=r.gpu_indices,
         state=_REPLICA_STATES[r.state],
-        state_reason=r.state_reason,
+        state_reason=clip(r.state_reason),
         load=pb.ReplicaLoad(
             running_requests=r.load.running_requests,
             queued_requests=r.load.queued_requests,

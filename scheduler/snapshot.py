@@ -19,7 +19,6 @@ from providers.catalog import Catalog
 from scheduler.fleet import AgentHealth, AgentRecord, ReplicaState
 
 
-
 @dataclass(frozen=True, slots=True)
 class AgentView:
     agent_id: str
@@ -92,7 +91,8 @@ def snapshot_from_fleet(
         labels = reg.labels
         report = record.report
         if report is None:
-            free = tuple(g.index for g in reg.gpus)
+            # Registered but not reported yet: which GPUs are free is not known.
+            free: tuple[int, ...] = ()
         else:
             free = tuple(sorted(g.index for g in report.gpus if g.healthy and not g.replica_id))
             for r in report.replicas:

@@ -151,6 +151,7 @@ class ControlActivities:
             lambda: f"{request.deployment[:48]}-{uuid.uuid4().hex[:8]}",
             skip_zone=skip,
             offers_per_provision=plane.settings.launch_offers,
+            clouds=frozenset(clouds),
         )
         s = plane.settings
         out.policy_digest = store.digest

@@ -160,11 +160,17 @@ class DeploymentWorkflow:
         s.desired = plan.desired
         s.reason = plan.reason
         s.signal = plan.sample.value if plan.sample is not None else None
-        s.lock_error = plan.lock_error
-        if plan.lock_error and plan.lock_error != self.last_lock_error:
-            workflow.logger.error("%s: %s", s.deployment, plan.lock_error)
-            self._event(f"cannot place: {plan.lock_error}")
-        self.last_lock_error = plan.lock_error
+        s.notes = plan.notes
+        if plan.lock_error:
+            s.lock_error = plan.lock_error
+            if plan.lock_error != self.last_lock_error:
+                workflow.logger.error("%s: %s", s.deployment, plan.lock_error)
+                self._event(f"cannot place: {plan.lock_error}")
+                self.last_lock_error = plan.lock_error
+        elif plan.starts or plan.desired < plan.current:
+            # Placed something, or no longer wants more: the error no longer holds.
+            s.lock_error = ""
+            self.last_lock_error = ""
 
     async def _act(self, plan: PlanOutput) -> bool:
         s = self.status

@@ -128,12 +128,30 @@ def plan_step(
     *,
     skip_zone: SkipZone | None = None,
     offers_per_provision: int = 5,
+    clouds: frozenset[str] | None = None,
 ) -> PlanOutput:
-    """What the deployment of ``request`` should do now, and why."""
+    """What the deployment of ``request`` should do now, and why.
+
+    ``clouds`` are the clouds this scheduler can rent from (None: all); the policy's providers
+    are narrowed to them, and a deployment left with none reports it as a lock error.
+    """
     name = request.deployment
     dep = policy.deployments.get(name)
     if dep is None:
         return PlanOutput(exists=False, now=now, reason="the deployment left the policy")
+    unusable = ""
+    if clouds is not None and dep.spillover.enabled:
+        allowed = spill_providers(policy, dep)
+        usable = [c for c in allowed if c in clouds]
+        if not usable:
+            unusable = (
+                f"spillover may use {', '.join(allowed) or 'no provider'}, but this scheduler "
+                f"rents only from {', '.join(sorted(clouds)) or 'no cloud'} (the clouds section "
+                "of its config); nothing can be rented for this deployment"
+            )
+        spill = dep.spillover.model_copy(update={"providers": usable, "enabled": bool(usable)})
+        dep = dep.model_copy(update={"spillover": spill})
+        policy = policy.model_copy(update={"deployments": {**policy.deployments, name: dep}})
     releasing = set(request.releasing)
     view = with_pending(snapshot, name, request.pending, releasing)
     current = sum(1 for r in view.replicas if r.deployment == name and not r.leaving)
@@ -202,7 +220,7 @@ def plan_step(
         reason=f"{reason}. {result.reason}",
         starts=starts,
         releases=releases,
-        lock_error=result.lock_error,
+        lock_error=result.lock_error or (unusable if result.unplaced else ""),
         notes=list(result.notes),
         template=template_of(name, dep),
         window_s=window,

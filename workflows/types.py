@@ -170,6 +170,8 @@ class DeploymentStatus:
     reason: str = ""
     lock_error: str = ""
     signal: float | None = None
+    #: Notes of the newest plan (agents outside the lock, a refused policy edit, ...).
+    notes: list[str] = field(default_factory=list)
     pending: list[PendingReplica] = field(default_factory=list)
     releasing: list[str] = field(default_factory=list)
     hold_until: float = 0.0

@@ -42,3 +42,24 @@ def test_backoff_grows_exponentially_is_jittered_and_capped() -> None:
         assert len({round(d, 6) for d in delays}) > 150
     # Once the scheduler's interval is known, the wait never exceeds it.
     assert all(backoff.delay(10, cap_s=2.0) <= 2.0 for _ in range(200))
+
+
+def test_a_long_reason_is_clipped_so_the_scheduler_accepts_the_report() -> None:
+    from scheduler.messages import MAX_TEXT
+
+    reason = "GPU 0 is held by replica chat-seed, " * 20
+    replica = ReplicaStatus(
+        replica_id="r2",
+        deployment="d",
+        model="m",
+        runtime="simulated",
+        port=0,
+        gpu_indices=(0,),
+        state=ReplicaState.FAILED,
+        state_reason=reason,
+        restarts=0,
+    )
+    report = build_report("node-a", 1, [GpuSample(0, 0, 0.0, True)], [replica], now=1.0)
+    (message,) = report.replicas
+    assert len(message.state_reason) == MAX_TEXT
+    assert message.state_reason == reason[: MAX_TEXT - 1] + "\u2026"

@@ -1,0 +1,114 @@
+"""Policy edits while the control plane runs: a new lock is obeyed even by a provision already in
+flight, a broken edit never replaces the policy in force, and a lock no offer can satisfy is
+reported plainly instead of being retried."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from providers.catalog import default_catalog
+from tests.conftest import eventually
+from tests.workflows.conftest import ControlPlaneHarness, ec2_instances, eventually_async
+from tests.workflows.test_spill import spill_policy, start_saturated_reserved, upload_weights
+
+CATALOG = default_catalog()
+
+
+def live_machines(moto_url: str, prefix: str) -> list[tuple[str, str]]:
+    """(region, key) of every live machine whose key starts with ``prefix``, in any region."""
+    out = []
+    for region in CATALOG.cloud("aws").regions:
+        out += [(region, m["key"]) for m in ec2_instances(moto_url, region, prefix)]
+    return out
+
+
+async def test_a_lock_moved_during_a_provision_leaves_nothing_outside_the_new_lock(
+    control: ControlPlaneHarness, tmp_path: Path, moto_url: str, aws_env: None
+) -> None:
+    weights = upload_weights(moto_url, f"weights-{uuid.uuid4().hex[:8]}")
+    name = control.name("chat")
+    policy = spill_policy(name, f"reserved-{control.suffix}", weights)
+    name, host = await start_saturated_reserved(control, tmp_path, moto_url, policy)
+    load = control.load(name, per_replica=10)
+    load.start()
+    prefix = f"provision-{name}-"
+    # A provision is in flight once its machine exists in `eu`; the replica is not serving yet.
+    await eventually(lambda: live_machines(moto_url, prefix), within_s=60, interval=0.05)
+    ((region, first_key),) = live_machines(moto_url, prefix)
+    assert CATALOG.region("aws", region).residency == "eu"
+    first_digest = control.store.digest
+
+    # The operator moves the lock to `us` while that provision runs.
+    policy["deployments"][name]["spillover"]["residency"] = "us"
+    control.write_policy(policy)
+    await eventually(lambda: control.store.digest != first_digest, within_s=10)
+
+    def outside_new_lock() -> list[tuple[str, str]]:
+        return [
+            (r, k)
+            for r, k in live_machines(moto_url, prefix)
+            if CATALOG.region("aws", r).residency != "us"
+        ]
+
+    # The eu machine is given back; whatever serves the load now runs in `us`.
+    await eventually(lambda: not outside_new_lock(), within_s=90, interval=0.2)
+    assert first_key not in [k for _, k in live_machines(moto_url, prefix)]
+    status = await host.status(name)
+    assert status.policy_digest == control.store.digest
+    assert any(f"policy {control.store.digest} in force" in line for line in status.recent)
+    await load.stop()
+
+    # A broken edit is refused; the policy in force stays, and the workflow says so.
+    in_force = control.store.digest
+    control.policy_path.write_text("deployments:\n  broken: [this is not a deployment\n")
+    await eventually(lambda: control.store.errors != [], within_s=10)
+    assert control.store.digest == in_force
+
+    async def noted() -> bool:
+        status = await host.status(name)
+        return any("refused" in n and "policy.yaml" in n for n in status.notes)
+
+    await eventually_async(noted, within_s=10)
+    assert (await host.status(name)).policy_digest == in_force
+
+
+async def test_a_deployment_nothing_can_be_rented_for_is_reported_not_retried(
+    control: ControlPlaneHarness, tmp_path: Path, moto_url: str, aws_env: None
+) -> None:
+    """(A lock that no catalog offer satisfies is refused by ``policy check`` already; at run
+    time the same happens when the lock's only clouds are not configured in the scheduler.)"""
+    weights = upload_weights(moto_url, f"weights-{uuid.uuid4().hex[:8]}")
+    name = control.name("chat")
+    policy = spill_policy(name, f"reserved-{control.suffix}", weights, providers=["gcp"])
+    policy["credentials"]["gcp"] = {"file": "/etc/spillway/gcp.json", "project": "p"}
+    name, host = await start_saturated_reserved(control, tmp_path, moto_url, policy)
+    load = control.load(name, per_replica=10)
+    load.start()
+
+    async def reported() -> bool:
+        return bool((await host.status(name)).lock_error)
+
+    try:
+        await eventually_async(reported, within_s=30)
+    except AssertionError:
+        raise AssertionError(await host.status(name)) from None
+    status = await host.status(name)
+    assert status.lock_error == (
+        "spillover may use gcp, but this scheduler rents only from aws (the clouds section of "
+        "its config); nothing can be rented for this deployment"
+    )
+    assert status.pending == []
+    assert live_machines(moto_url, f"provision-{name}-") == []
+    # Reported once in the event log, however many ticks pass.
+    ticks = status.ticks
+    await eventually_async(lambda: _ticks_past(host, name, ticks + 8), within_s=20)
+    status = await host.status(name)
+    assert sum("cannot place" in line for line in status.recent) == 1
+
+
+async def _ticks_past(host: object, name: str, ticks: int) -> bool:
+    from workflows.host import ControlHost
+
+    assert isinstance(host, ControlHost)
+    return (await host.status(name)).ticks >= ticks
