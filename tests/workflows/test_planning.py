@@ -12,7 +12,7 @@ from scheduler.policy import Policy
 from scheduler.snapshot import FleetSnapshot, ReplicaView
 from tests.scheduler.test_placement import CATALOG, agent
 from workflows.planning import plan_step, with_pending
-from workflows.types import PendingReplica, PlanInput, SamplePoint, trim_samples
+from workflows.types import PendingReplica, PlanInput, PlannedRelease, SamplePoint, trim_samples
 
 
 def policy(**spill: Any) -> Policy:
@@ -127,7 +127,7 @@ def test_a_quiet_spell_as_long_as_the_cool_down_releases_the_spilled_replica() -
     )
     snap = FleetSnapshot((agent("a", 0), spilled), replicas)
     samples: list[SamplePoint] = []
-    releases = []
+    releases: list[PlannedRelease] = []
     now = 100.0
     while not releases and now < 130:
         out = plan_step(
