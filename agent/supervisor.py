@@ -451,23 +451,24 @@ class Supervisor:
     # -- the watch loop ------------------------------------------------------------------------
 
     async def _watch(self, r: _Replica) -> None:
-        client = ServerClient(f"http://{_loopback(self.settings.host)}:{r.port}")
-        try:
-            while True:
-                if r.process is None:
-                    failure = self._launch(r)
-                    if failure is not None:
-                        r.state, r.reason = ReplicaState.FAILED, failure
-                        r.stopped_at = time.monotonic()
-                        self._save()
-                        return
-                crash = await self._supervise(r, client)
-                if crash is None:
-                    return  # failed for good
-                if not await self._after_crash(r, crash):
+        while True:
+            if r.process is None:
+                failure = self._launch(r)
+                if failure is not None:
+                    r.state, r.reason = ReplicaState.FAILED, failure
+                    r.stopped_at = time.monotonic()
+                    self._save()
                     return
-        finally:
-            await client.close()
+            # A client per launch: a restart may have moved the replica to another port.
+            client = ServerClient(f"http://{_loopback(self.settings.host)}:{r.port}")
+            try:
+                crash = await self._supervise(r, client)
+            finally:
+                await client.close()
+            if crash is None:
+                return  # failed for good
+            if not await self._after_crash(r, crash):
+                return
 
     def _launch(self, r: _Replica) -> str | None:
         spec = r.spec
@@ -565,7 +566,23 @@ class Supervisor:
         self._save()
         log.warning("replica %s: %s", r.spec.replica_id, r.reason)
         await asyncio.sleep(delay)
+        self._repick_port(r)
         return True
+
+    def _repick_port(self, r: _Replica) -> None:
+        """A port this agent picked may have been taken meanwhile (another agent on the host
+        raced for it): pick again rather than crash on it forever. Asked-for ports stay."""
+        host = self.settings.host
+        if r.spec.port or port_is_free(host, r.port):
+            return
+        promised = {x.port for x in self._replicas.values() if x.live and x is not r}
+        first, last = self.settings.port_range
+        try:
+            port = pick_port(host, first, last, promised)
+        except NoFreePort:
+            return
+        log.warning("replica %s: port %d is taken; moving to %d", r.spec.replica_id, r.port, port)
+        r.port = port
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -351,3 +351,26 @@ def test_the_agent_config_refuses_a_gpu_given_to_two_replicas(tmp_path: Path) ->
     config = load_agent_config(write_yaml(tmp_path / "c.yaml", base))
     assert config.replicas[0].model_path == tmp_path / "m"  # relative to the file
     assert config.temporal is None and config.runtime.default == "sglang"
+
+
+async def test_a_picked_port_taken_by_someone_else_moves_the_replica(
+    supervisors: Supervisors, model: Path
+) -> None:
+    """Two agents on one host can race for the same free port: the loser moves, and its health
+    is checked on its own new port, not on the winner's server."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        first = probe.getsockname()[1]
+    supervisor = supervisors.new(port_range=(first, first + 5))
+    status = supervisor.start(spec(model))
+    assert status.port == first
+    with socket.socket() as squatter:  # binds before the replica's server does
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", first))
+        squatter.listen()
+        await wait_state(supervisor, ReplicaState.HEALTHY)
+        moved = supervisor.status("r1")
+        assert moved.port != first and moved.restarts >= 1
+        async with httpx.AsyncClient() as http:
+            info = (await http.get(f"http://127.0.0.1:{moved.port}/server_info")).json()
+        assert info["port"] == moved.port
