@@ -268,8 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--out", type=Path, help="write the token to this file (mode 0600)")
     new.set_defaults(func=_cmd_token_new)
 
-    demo = commands.add_parser("demo", help="a scheduler and two agents on loopback")
-    demo.add_argument("--seconds", type=float, default=20.0, help="how long to run")
+    demo = commands.add_parser(
+        "demo", help="a burst spills out to rented GPUs inside the residency lock, and back"
+    )
+    demo.add_argument(
+        "--seconds", type=float, default=240.0, help="give up after this long (default 240)"
+    )
     demo.set_defaults(func=_cmd_demo)
 
     offers = commands.add_parser(

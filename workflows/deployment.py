@@ -88,6 +88,7 @@ class DeploymentWorkflow:
     @workflow.signal(name="release_finished")
     def release_finished(self, result: ReleaseResult) -> None:
         self.status.releasing = [r for r in self.status.releasing if r != result.replica_id]
+        self.status.released = [*self.status.released, result.replica_id][-RECENT_EVENTS:]
         machine = "machine terminated" if result.terminated else "no machine to give back"
         self._event(f"{result.replica_id} released ({result.drained}; {machine})")
         self.wake = True
@@ -100,6 +101,7 @@ class DeploymentWorkflow:
         s.deployment = params.deployment
         s.pending = list(params.pending)
         s.releasing = list(params.releasing)
+        s.released = list(params.released)
         s.hold_until = params.hold_until
         s.recent = list(params.recent)
         s.ticks = params.runs
@@ -113,7 +115,7 @@ class DeploymentWorkflow:
                     samples,
                     last_change_at,
                     list(s.pending),
-                    list(s.releasing),
+                    [*s.releasing, *s.released],
                     s.hold_until,
                 ),
                 result_type=PlanOutput,
@@ -150,6 +152,7 @@ class DeploymentWorkflow:
                 hold_until=s.hold_until,
                 recent=s.recent,
                 runs=s.ticks,
+                released=s.released,
             )
         )
 
@@ -177,7 +180,7 @@ class DeploymentWorkflow:
         me = workflow.info().workflow_id
         changed = False
         for release in plan.releases:
-            if release.replica_id in s.releasing:
+            if release.replica_id in s.releasing or release.replica_id in s.released:
                 continue
             s.releasing.append(release.replica_id)
             # Started by an earlier run of this workflow already: it reports here all the same.

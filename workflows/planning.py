@@ -171,7 +171,8 @@ def plan_step(
     if holds:
         change = 0
         reason += "; " + "; ".join(holds)
-    result = place(policy, view, {name: change}, catalog, skip_zone=skip_zone)[0]
+    results = place(policy, view, {name: change}, catalog, skip_zone=skip_zone)
+    result = next(r for r in results if r.deployment == name)
     spilled_spend = sum(
         a.usd_per_hour
         for a in _spilled_agents(view, name, dep, catalog)

@@ -157,6 +157,7 @@ class DeploymentInput:
     hold_until: float = 0.0
     recent: list[str] = field(default_factory=list)
     runs: int = 0
+    released: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -174,6 +175,8 @@ class DeploymentStatus:
     notes: list[str] = field(default_factory=list)
     pending: list[PendingReplica] = field(default_factory=list)
     releasing: list[str] = field(default_factory=list)
+    #: Replicas released lately: their agents may linger in the fleet as stale for a while.
+    released: list[str] = field(default_factory=list)
     hold_until: float = 0.0
     #: The newest events, oldest first: decisions, provisions and releases with their outcome.
     recent: list[str] = field(default_factory=list)

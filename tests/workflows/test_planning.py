@@ -141,3 +141,19 @@ def test_a_quiet_spell_as_long_as_the_cool_down_releases_the_spilled_replica() -
     assert [(r.replica_id, r.cloud, r.key) for r in releases] == [
         ("r1", "aws", "provision-chat-1.0")
     ]
+
+
+def test_every_deployment_of_the_policy_is_planned_for_itself() -> None:
+    """The second deployment of a policy gets its own placement, not the first one's."""
+    from spillway.demo_setup import demo_policy
+
+    two = Policy.model_validate(demo_policy())
+    assert list(two.deployments) == ["chat-eu", "summarize"]
+    us = agent("us-1", 1, pool="reserved-us", gpus_total=2, free_gpus=(1,), residency_group="us")
+    snap = FleetSnapshot(
+        (us,), (ReplicaView("s0", "summarize", "us-1", ReplicaState.HEALTHY, 4, 10),)
+    )
+    samples = [SamplePoint(90.0, 10.0), SamplePoint(99.0, 10.0)]
+    out = plan_step(two, snap, CATALOG, PlanInput("summarize", samples), 100.0, ids())
+    assert [(s.where, s.agent_id, s.gpu_indices) for s in out.starts] == [("reserved", "us-1", [1])]
+    assert out.template is not None and out.template.deployment == "summarize"

@@ -160,5 +160,8 @@ async def test_spill_out_to_aws_inside_the_lock_and_back(
 
     await eventually_async(released, within_s=20)
     assert (await host.status(name)).pending == []
-    await asyncio.sleep(1)
+    await asyncio.sleep(2)
     assert [r for _, r in control.replicas(name)] == [f"{name}-seed"]
+    # Released once: the stopped agent lingering in the fleet is not released again.
+    recent = (await host.status(name)).recent
+    assert sum(line.split(" ", 1)[1].startswith("releasing ") for line in recent) == 1, recent
