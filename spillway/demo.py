@@ -269,6 +269,13 @@ async def _run(files: DemoFiles, services: Services, procs: Processes, console: 
         task.cancel()
     await asyncio.gather(*clients, return_exceptions=True)
     elapsed = time.monotonic() - start
+    console.print("\nWhat each deployment workflow did (Temporal query `state`):")
+    for name in CLIENTS:
+        with contextlib.suppress(Exception):
+            state = await client.get_workflow_handle(f"deployment-{name}").query("state")
+            console.print(f"[bold]{name}[/bold]")
+            for line in state.get("recent", []):
+                console.print(f"  {line}", soft_wrap=True)
     out = watch.rented_seen == set(CLIENTS)
     back = not watch.machines
     console.print(
