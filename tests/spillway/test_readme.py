@@ -32,6 +32,14 @@ def test_readme_config_examples_validate(
     model.model_validate(data)
 
 
+def test_readme_spill_settings_validate_with_the_base_config() -> None:
+    base = yaml.safe_load(_yaml_block("scheduler.yaml"))
+    spill = yaml.safe_load(_yaml_block("scheduler.yaml (added to the fields above)"))
+    config = SchedulerConfig.model_validate({**base, **spill})
+    assert config.temporal is not None and config.clouds.aws is not None
+    assert config.decide_every_s == config.report_interval_s
+
+
 def test_readme_has_the_two_setup_commands() -> None:
     text = README.read_text()
     assert "make demo" in text and "make test" in text
