@@ -1,4 +1,5 @@
-"""Shared fixtures: token files, agent configs, and schedulers serving real gRPC on loopback."""
+"""Shared fixtures: token files, agent configs, schedulers serving real gRPC on loopback, a
+real Temporal dev server, and moto as a real HTTP server with fake AWS credentials."""
 
 from __future__ import annotations
 
@@ -124,5 +125,30 @@ def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         server.wait_ready()
         yield server.address
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture(scope="module")
+def moto_server() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
     finally:
         server.stop()

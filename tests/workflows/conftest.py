@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,41 +31,16 @@ from scheduler.config import SchedulerConfig
 from scheduler.fleet import AgentHealth, ReplicaState
 from scheduler.server import Scheduler
 from tests.conftest import Tokens, write_yaml
+from workflows.deployment import workflow_id
 from workflows.host import ControlHost, start_control_plane
-
-#: An H100 type the catalog sells in eu-west-1 (Ireland, residency group eu).
-EU_REGION = "eu-west-1"
+from workflows.sweeper import SWEEPER_ID
 
 
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        monkeypatch.setenv(name, value)
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
-def ec2_instances(moto_url: str, region: str, key_prefix: str) -> list[dict[str, Any]]:
+def ec2_instances(moto_server: str, region: str, key_prefix: str) -> list[dict[str, Any]]:
     """Live EC2 instances whose idempotency-key tag starts with ``key_prefix``."""
     import boto3
 
-    client = boto3.client("ec2", region_name=region, endpoint_url=moto_url)
+    client = boto3.client("ec2", region_name=region, endpoint_url=moto_server)
     found = []
     for reservation in client.describe_instances()["Reservations"]:
         for instance in reservation["Instances"]:
@@ -206,7 +181,7 @@ class ControlPlaneHarness:
     def write_policy(self, policy: dict[str, Any]) -> Path:
         return write_yaml(self.policy_path, policy)
 
-    async def start(self, *, moto_url: str | None = None, **spill: Any) -> ControlHost:
+    async def start(self, *, moto_server: str | None = None, **spill: Any) -> ControlHost:
         fields: dict[str, Any] = {
             "listen": "127.0.0.1:0",
             "metrics_listen": None,
@@ -230,8 +205,8 @@ class ControlPlaneHarness:
                 **spill,
             },
         }
-        if moto_url is not None:
-            fields["clouds"] = {"aws": {"image": "ami-12c6146b", "endpoint_url": moto_url}}
+        if moto_server is not None:
+            fields["clouds"] = {"aws": {"image": "ami-12c6146b", "endpoint_url": moto_server}}
             fields["stand_in"] = {
                 "state_dir": str(self.tmp / "machines"),
                 "agent_settings": {
@@ -310,6 +285,11 @@ class ControlPlaneHarness:
             self.watch.cancel()
         if self.host is not None:
             client = self.host.client
+            # By id first: the visibility store behind list_workflows may lag.
+            fixed = [SWEEPER_ID, *(workflow_id(n) for n in self.store.policy.deployments)]
+            for wid in fixed:
+                with contextlib.suppress(Exception):
+                    await client.get_workflow_handle(wid).terminate("test over")
             async for wf in client.list_workflows(f'TaskQueue="{self.task_queue}"'):
                 if wf.status == WorkflowExecutionStatus.RUNNING:
                     with contextlib.suppress(Exception):
@@ -335,8 +315,9 @@ class ControlPlaneHarness:
 
 @pytest.fixture
 async def control(
-    tmp_path: Path, tokens: Tokens, temporal_address: str
+    tmp_path: Path, tokens: Tokens, temporal_address: str, aws_credentials: None
 ) -> AsyncIterator[ControlPlaneHarness]:
+    """The harness; it takes the fake AWS credentials so that they outlive its clean-up."""
     harness = ControlPlaneHarness(tmp_path, tokens, temporal_address)
     try:
         yield harness

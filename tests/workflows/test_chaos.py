@@ -11,6 +11,7 @@ activity runs again after a restart and must find what the first attempt made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -29,6 +30,8 @@ from providers.local import LocalProvider
 from tests.conftest import Tokens, write_yaml
 from tests.workflows.conftest import STAND_IN_RUNTIME, ec2_instances
 from tests.workflows.test_spill import spill_policy, upload_weights
+from workflows.deployment import workflow_id
+from workflows.sweeper import SWEEPER_ID
 from workflows.types import (
     OfferChoice,
     ProvisionInput,
@@ -92,12 +95,12 @@ class Restarter:
 
 
 async def test_provision_survives_a_crash_at_every_activity_boundary(
-    tmp_path: Path, tokens: Tokens, temporal_address: str, moto_url: str, aws_env: None
+    tmp_path: Path, tokens: Tokens, temporal_address: str, moto_server: str, aws_credentials: None
 ) -> None:
     suffix = uuid.uuid4().hex[:6]
     name = f"chaos-{suffix}"
     queue = f"chaos-{suffix}"
-    weights = upload_weights(moto_url, f"chaos-{suffix}")
+    weights = upload_weights(moto_server, f"chaos-{suffix}")
     policy = spill_policy(name, f"none-{suffix}", weights, max_spilled_replicas=8, cool_down_s=3600)
     policy["deployments"][name].update({"min_replicas": 0, "max_replicas": 8})
     write_yaml(tmp_path / "policy.yaml", policy)
@@ -113,12 +116,12 @@ async def test_provision_survives_a_crash_at_every_activity_boundary(
             "temporal": {"address": temporal_address, "task_queue": queue},
             "spill": {
                 "weights_dir": str(tmp_path / "weights"),
-                "weights_endpoint_url": moto_url,
+                "weights_endpoint_url": moto_server,
                 "heartbeat_timeout_s": 3,
                 "sweep_every_s": 1,
                 "leak_grace_s": 5,
             },
-            "clouds": {"aws": {"image": "ami-12c6146b", "endpoint_url": moto_url}},
+            "clouds": {"aws": {"image": "ami-12c6146b", "endpoint_url": moto_server}},
             "stand_in": {
                 "state_dir": str(machines),
                 "agent_settings": {
@@ -155,7 +158,7 @@ async def test_provision_survives_a_crash_at_every_activity_boundary(
                     offers=[OFFER],
                     timeouts=Timeouts(register_s=90, prefetch_s=60, start_s=60, heartbeat_s=3),
                     weights_dir=str(tmp_path / "weights"),
-                    weights_endpoint_url=moto_url,
+                    weights_endpoint_url=moto_server,
                 ),
                 id=workflow_id,
                 task_queue=queue,
@@ -177,7 +180,7 @@ async def test_provision_survives_a_crash_at_every_activity_boundary(
         assert fired == sorted(CRASH_POINTS)
         assert scheduler.deaths == len(CRASH_POINTS)
         # Exactly one machine per request: the one launched for the first offer.
-        live = ec2_instances(moto_url, REGION, f"provision-{name}-")
+        live = ec2_instances(moto_server, REGION, f"provision-{name}-")
         assert sorted(m["key"] for m in live) == sorted(f"{w}.0" for w in ids)
         stand_ins = LocalProvider(machines, "127.0.0.1:1", lambda _: "").list_managed()
         assert sorted(i.key for i in stand_ins) == sorted(f"{w}.0" for w in ids)
@@ -189,20 +192,23 @@ async def test_provision_survives_a_crash_at_every_activity_boundary(
     finally:
         watcher.cancel()
         scheduler.stop()
+        for wid in (SWEEPER_ID, workflow_id(name)):
+            with contextlib.suppress(Exception):
+                await client.get_workflow_handle(wid).terminate("test over")
         local = LocalProvider(machines, "127.0.0.1:1", lambda _: "")
         for instance in local.list_managed():
             local.terminate(instance.key)
-        for machine in ec2_instances(moto_url, REGION, f"provision-{name}-"):
-            _terminate(moto_url, machine["id"])
+        for machine in ec2_instances(moto_server, REGION, f"provision-{name}-"):
+            _terminate(moto_server, machine["id"])
 
 
 def _instance(live: list[dict[str, Any]], result: ProvisionResult) -> str:
     return str(next(m["id"] for m in live if m["key"] == result.key))
 
 
-def _terminate(moto_url: str, instance_id: str) -> None:
+def _terminate(moto_server: str, instance_id: str) -> None:
     import boto3
 
-    boto3.client("ec2", region_name=REGION, endpoint_url=moto_url).terminate_instances(
+    boto3.client("ec2", region_name=REGION, endpoint_url=moto_server).terminate_instances(
         InstanceIds=[instance_id]
     )

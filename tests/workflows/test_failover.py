@@ -89,8 +89,8 @@ def azure_fake() -> Iterator[FakeArm]:
 
 
 class Clouds:
-    def __init__(self, moto_url: str, gcp: FakeCompute, azure: FakeArm) -> None:
-        self.moto_url = moto_url
+    def __init__(self, moto_server: str, gcp: FakeCompute, azure: FakeArm) -> None:
+        self.moto_server = moto_server
         self.gcp = gcp
         self.azure = azure
         self.memory = CapacityMemory(ttl_s=600)
@@ -110,7 +110,7 @@ class Clouds:
     def providers(self) -> dict[str, Provider]:
         return {
             "aws": AwsProvider(
-                memory=self.memory, session=self.session, endpoint_url=self.moto_url
+                memory=self.memory, session=self.session, endpoint_url=self.moto_server
             ),
             "gcp": GcpProvider(
                 PROJECT,
@@ -137,15 +137,15 @@ class Clouds:
 async def provision(
     tmp_path: Path,
     temporal_address: str,
-    moto_url: str,
-    aws_env: None,
+    moto_server: str,
+    aws_credentials: None,
     gcp_fake: FakeCompute,
     azure_fake: FakeArm,
 ) -> AsyncIterator[tuple[Client, str, Clouds, str]]:
     name = f"chat-{uuid.uuid4().hex[:6]}"
     store = PolicyStore(write_yaml(tmp_path / "policy.yaml", policy(name)))
     store.load()
-    clouds = Clouds(moto_url, gcp_fake, azure_fake)
+    clouds = Clouds(moto_server, gcp_fake, azure_fake)
     plane = ControlPlane(
         fleet=FleetState(0.25, 4, 12),
         policies=store,
@@ -220,7 +220,7 @@ async def test_capacity_and_quota_errors_move_to_the_next_offer_then_compensate(
     assert [c[0] for c in clouds.azure.calls].count("delete") >= 1
     assert clouds.azure.vms == {}
     assert clouds.gcp.instances == {}
-    assert ec2_instances(clouds.moto_url, "eu-north-1", workflow_id) == []
+    assert ec2_instances(clouds.moto_server, "eu-north-1", workflow_id) == []
     assert time.monotonic() - started < 60
 
 

@@ -15,27 +15,27 @@ from tests.workflows.test_spill import spill_policy, start_saturated_reserved, u
 CATALOG = default_catalog()
 
 
-def live_machines(moto_url: str, prefix: str) -> list[tuple[str, str]]:
+def live_machines(moto_server: str, prefix: str) -> list[tuple[str, str]]:
     """(region, key) of every live machine whose key starts with ``prefix``, in any region."""
     out = []
     for region in CATALOG.cloud("aws").regions:
-        out += [(region, m["key"]) for m in ec2_instances(moto_url, region, prefix)]
+        out += [(region, m["key"]) for m in ec2_instances(moto_server, region, prefix)]
     return out
 
 
 async def test_a_lock_moved_during_a_provision_leaves_nothing_outside_the_new_lock(
-    control: ControlPlaneHarness, tmp_path: Path, moto_url: str, aws_env: None
+    control: ControlPlaneHarness, tmp_path: Path, moto_server: str, aws_credentials: None
 ) -> None:
-    weights = upload_weights(moto_url, f"weights-{uuid.uuid4().hex[:8]}")
+    weights = upload_weights(moto_server, f"weights-{uuid.uuid4().hex[:8]}")
     name = control.name("chat")
     policy = spill_policy(name, f"reserved-{control.suffix}", weights)
-    name, host = await start_saturated_reserved(control, tmp_path, moto_url, policy)
+    name, host = await start_saturated_reserved(control, tmp_path, moto_server, policy)
     load = control.load(name, per_replica=10)
     load.start()
     prefix = f"provision-{name}-"
     # A provision is in flight once its machine exists in `eu`; the replica is not serving yet.
-    await eventually(lambda: live_machines(moto_url, prefix), within_s=60, interval=0.05)
-    ((region, first_key),) = live_machines(moto_url, prefix)
+    await eventually(lambda: live_machines(moto_server, prefix), within_s=60, interval=0.05)
+    ((region, first_key),) = live_machines(moto_server, prefix)
     assert CATALOG.region("aws", region).residency == "eu"
     first_digest = control.store.digest
 
@@ -47,13 +47,13 @@ async def test_a_lock_moved_during_a_provision_leaves_nothing_outside_the_new_lo
     def outside_new_lock() -> list[tuple[str, str]]:
         return [
             (r, k)
-            for r, k in live_machines(moto_url, prefix)
+            for r, k in live_machines(moto_server, prefix)
             if CATALOG.region("aws", r).residency != "us"
         ]
 
     # The eu machine is given back; whatever serves the load now runs in `us`.
     await eventually(lambda: not outside_new_lock(), within_s=90, interval=0.2)
-    assert first_key not in [k for _, k in live_machines(moto_url, prefix)]
+    assert first_key not in [k for _, k in live_machines(moto_server, prefix)]
     status = await host.status(name)
     assert status.policy_digest == control.store.digest
     assert any(f"policy {control.store.digest} in force" in line for line in status.recent)
@@ -74,15 +74,15 @@ async def test_a_lock_moved_during_a_provision_leaves_nothing_outside_the_new_lo
 
 
 async def test_a_deployment_nothing_can_be_rented_for_is_reported_not_retried(
-    control: ControlPlaneHarness, tmp_path: Path, moto_url: str, aws_env: None
+    control: ControlPlaneHarness, tmp_path: Path, moto_server: str, aws_credentials: None
 ) -> None:
     """(A lock that no catalog offer satisfies is refused by ``policy check`` already; at run
     time the same happens when the lock's only clouds are not configured in the scheduler.)"""
-    weights = upload_weights(moto_url, f"weights-{uuid.uuid4().hex[:8]}")
+    weights = upload_weights(moto_server, f"weights-{uuid.uuid4().hex[:8]}")
     name = control.name("chat")
     policy = spill_policy(name, f"reserved-{control.suffix}", weights, providers=["gcp"])
     policy["credentials"]["gcp"] = {"file": "/etc/spillway/gcp.json", "project": "p"}
-    name, host = await start_saturated_reserved(control, tmp_path, moto_url, policy)
+    name, host = await start_saturated_reserved(control, tmp_path, moto_server, policy)
     load = control.load(name, per_replica=10)
     load.start()
 
@@ -99,7 +99,7 @@ async def test_a_deployment_nothing_can_be_rented_for_is_reported_not_retried(
         "its config); nothing can be rented for this deployment"
     )
     assert status.pending == []
-    assert live_machines(moto_url, f"provision-{name}-") == []
+    assert live_machines(moto_server, f"provision-{name}-") == []
     # Reported once in the event log, however many ticks pass.
     ticks = status.ticks
     await eventually_async(lambda: _ticks_past(host, name, ticks + 8), within_s=20)

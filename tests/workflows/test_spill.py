@@ -34,8 +34,8 @@ def safetensors(size: int) -> bytes:
     return len(raw).to_bytes(8, "little") + raw + bytes(range(256)) * (size // 256)
 
 
-def upload_weights(moto_url: str, bucket: str) -> str:
-    s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=moto_url)
+def upload_weights(moto_server: str, bucket: str) -> str:
+    s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=moto_server)
     s3.create_bucket(Bucket=bucket)
     s3.put_object(Bucket=bucket, Key="chat/config.json", Body=b'{"architectures": ["Chat"]}')
     s3.put_object(Bucket=bucket, Key="chat/model.safetensors", Body=safetensors(WEIGHT_BYTES))
@@ -77,11 +77,11 @@ def spill_policy(name: str, pool: str, weights: str, **spillover: Any) -> dict[s
 
 
 async def start_saturated_reserved(
-    control: ControlPlaneHarness, tmp_path: Path, moto_url: str, policy: dict[str, Any]
+    control: ControlPlaneHarness, tmp_path: Path, moto_server: str, policy: dict[str, Any]
 ) -> tuple[str, Any]:
     name = next(iter(policy["deployments"]))
     control.write_policy(policy)
-    host = await control.start(moto_url=moto_url, weights_endpoint_url=moto_url)
+    host = await control.start(moto_server=moto_server, weights_endpoint_url=moto_server)
     seed = tmp_path / "seed-model"
     seed.mkdir()
     control.start_agent(
@@ -103,12 +103,12 @@ async def start_saturated_reserved(
 
 
 async def test_spill_out_to_aws_inside_the_lock_and_back(
-    control: ControlPlaneHarness, tmp_path: Path, moto_url: str, aws_env: None
+    control: ControlPlaneHarness, tmp_path: Path, moto_server: str, aws_credentials: None
 ) -> None:
-    weights = upload_weights(moto_url, f"weights-{uuid.uuid4().hex[:8]}")
+    weights = upload_weights(moto_server, f"weights-{uuid.uuid4().hex[:8]}")
     pool = f"reserved-{control.suffix}"
     policy = spill_policy(control.name("chat"), pool, weights)
-    name, host = await start_saturated_reserved(control, tmp_path, moto_url, policy)
+    name, host = await start_saturated_reserved(control, tmp_path, moto_server, policy)
     load = control.load(name, per_replica=10)
     load.start()
 
@@ -125,7 +125,7 @@ async def test_spill_out_to_aws_inside_the_lock_and_back(
     assert labels.extra["instance_type"] == "p5.48xlarge"
     key = labels.extra["spillway-key"]
     assert key.startswith(f"provision-{name}-")
-    machines = ec2_instances(moto_url, labels.region, f"provision-{name}-")
+    machines = ec2_instances(moto_server, labels.region, f"provision-{name}-")
     assert [m["key"] for m in machines] == [key]
     assert machines[0]["InstanceType"] == "p5.48xlarge"
     # The weights came from S3 onto the node before the replica started.
@@ -144,7 +144,7 @@ async def test_spill_out_to_aws_inside_the_lock_and_back(
     # Back: the load stops, the spilled replica is drained and its machine given back.
     await load.stop()
     await eventually(
-        lambda: ec2_instances(moto_url, labels.region, f"provision-{name}-") == [],
+        lambda: ec2_instances(moto_server, labels.region, f"provision-{name}-") == [],
         within_s=60,
         interval=0.2,
     )

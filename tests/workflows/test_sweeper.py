@@ -20,11 +20,11 @@ REGION = "eu-north-1"
 
 
 async def test_a_machine_nobody_owns_is_terminated_after_the_grace_period(
-    control: ControlPlaneHarness, tmp_path: Path, moto_url: str, aws_env: None
+    control: ControlPlaneHarness, tmp_path: Path, moto_server: str, aws_credentials: None
 ) -> None:
     name = control.name("chat")
     control.write_policy(spill_policy(name, f"reserved-{control.suffix}", "/models/chat"))
-    host = await control.start(moto_url=moto_url, leak_grace_s=3)
+    host = await control.start(moto_server=moto_server, leak_grace_s=3)
     aws = host.plane.providers["aws"]
     # A machine left behind by a provision that no longer runs (a crash before bookkeeping).
     key = f"provision-{name}-{uuid.uuid4().hex[:8]}.0"
@@ -37,9 +37,9 @@ async def test_a_machine_nobody_owns_is_terminated_after_the_grace_period(
     )
     launched_at = time.monotonic()
     await asyncio.to_thread(aws.launch, request)
-    assert [m["key"] for m in ec2_instances(moto_url, REGION, key)] == [key]
+    assert [m["key"] for m in ec2_instances(moto_server, REGION, key)] == [key]
 
-    await eventually(lambda: not ec2_instances(moto_url, REGION, key), within_s=30, interval=0.2)
+    await eventually(lambda: not ec2_instances(moto_server, REGION, key), within_s=30, interval=0.2)
     assert time.monotonic() - launched_at >= 3  # not before the grace period
     sweeper: WorkflowHandle[object, object] = host.client.get_workflow_handle(SWEEPER_ID)
 
