@@ -144,9 +144,8 @@ def build_providers(
             base_url=azure.base_url,
         )
     if config.stand_in is not None:
-        from providers.standin import StandInProvider
-
         from providers.local import LocalProvider
+        from providers.standin import StandInProvider
 
         local = LocalProvider(
             config.stand_in.state_dir,
