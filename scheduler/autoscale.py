@@ -2,7 +2,8 @@
 
 Scale up only after the signal stayed above the target for the whole scale-up window (and
 since the last change, so replicas just added get a chance to take load); scale down only after
-it stayed below the low-water mark for the cool-down. Between the two marks nothing changes
+it stayed below the low-water mark for the cool-down. A sample's value holds until the next
+sample, so the sample that opens a window must pass too. Between the two marks nothing changes
 (hysteresis). Steps are bounded by ``max_step_up``/``max_step_down``; the result is always
 within ``min_replicas``..``max_replicas``.
 
@@ -69,12 +70,17 @@ def decide(
     since = last_change_at if last_change_at is not None else -math.inf
 
     def sustained(window: float, test: str) -> tuple[bool, list[float]]:
+        # A sample's value holds until the next one, so the window is covered from its start
+        # only when the newest sample at or before the start already passed the test.
         start = now - window
-        inside = [s.value for s in samples if start <= s.at <= now]
-        covered = any(s.at <= start for s in samples) and since <= start
+        before = [s for s in samples if s.at <= start]
+        if not before or since > start:
+            return False, []
+        anchor = max(before, key=lambda s: s.at)
+        values = [anchor.value, *(s.value for s in samples if start < s.at <= now)]
         if test == "up":
-            return covered and bool(inside) and all(v > scaling.target for v in inside), inside
-        return covered and bool(inside) and all(v < scaling.low_water for v in inside), inside
+            return all(v > scaling.target for v in values), values
+        return all(v < scaling.low_water for v in values), values
 
     up, values = sustained(dep.spillover.scale_up_window_s, "up")
     if up:

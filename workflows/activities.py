@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 HEARTBEAT_EVERY_S = 1.0
 POLL_S = 0.2
+#: After a start, wait this many report intervals before acting: every agent has reported.
+WARMUP_INTERVALS = 2.0
 
 
 def refusal(exc: ProviderError) -> ApplicationError:
@@ -91,6 +93,8 @@ class ControlPlane:
     on_launch: Callable[[str, str], None] | None = None
     #: cloud -> the image its machines boot.
     images: dict[str, str] = field(default_factory=dict)
+    #: When this control plane started (monotonic): the fleet is rebuilt from reports after it.
+    started_at: float = field(default_factory=time.monotonic)
 
 
 async def _heartbeating(func: Callable[[], T], what: str) -> T:
@@ -152,6 +156,7 @@ class ControlActivities:
             skip_zone=skip,
             offers_per_provision=plane.settings.launch_offers,
             clouds=frozenset(clouds),
+            observing=self._observing(request.deployment),
         )
         s = plane.settings
         out.policy_digest = store.digest
@@ -172,6 +177,25 @@ class ControlActivities:
                 f"{store.errors[0]}"
             )
         return out
+
+    def _observing(self, deployment: str) -> str:
+        """Why the fleet is not fully known yet for ``deployment``; empty when it is."""
+        plane = self.plane
+        fleet = plane.fleet
+        since = time.monotonic() - plane.started_at
+        warmup = fleet.report_interval_s * WARMUP_INTERVALS
+        if since < warmup:
+            return f"the scheduler started {since:.1f}s ago; agents report within {warmup:g}s"
+        dep = plane.policies.policy.deployments.get(deployment)
+        pools = set(dep.pools) if dep is not None else set()
+        quiet = sorted(
+            record.agent_id
+            for record, _ in fleet.agents()
+            if record.report is None and record.registration.labels.pool in pools
+        )
+        if quiet:
+            return f"waiting for the first report of {', '.join(quiet)}"
+        return ""
 
     @activity.defn(name="launch_instance")
     async def launch_instance(self, request: LaunchInput) -> LaunchOutput:

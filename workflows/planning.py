@@ -129,11 +129,15 @@ def plan_step(
     skip_zone: SkipZone | None = None,
     offers_per_provision: int = 5,
     clouds: frozenset[str] | None = None,
+    observing: str = "",
 ) -> PlanOutput:
     """What the deployment of ``request`` should do now, and why.
 
     ``clouds`` are the clouds this scheduler can rent from (None: all); the policy's providers
     are narrowed to them, and a deployment left with none reports it as a lock error.
+    ``observing`` says why the fleet is not fully known yet (the scheduler just started, an
+    agent has registered but not reported): nothing is started or released meanwhile, or a
+    restarted scheduler would rent machines for replicas that are running but not yet seen.
     """
     name = request.deployment
     dep = policy.deployments.get(name)
@@ -168,6 +172,8 @@ def plan_step(
         holds.append(f"{len(request.pending)} replicas still coming up; adding no more until then")
     if change > 0 and now < request.hold_until:
         holds.append(f"the last provision failed; holding for {request.hold_until - now:.0f}s")
+    if observing:
+        holds.append(observing)
     if holds:
         change = 0
         reason += "; " + "; ".join(holds)
@@ -201,6 +207,9 @@ def plan_step(
         planned_spend += placement.offer.usd_per_hour
         starts.append(PlannedStart(new_replica_id(), "cloud", placement.reason, offers=offers))
     agents = {a.agent_id: a for a in view.agents}
+    if observing:
+        starts = []
+        result = replace(result, releases=())
     releases = [
         PlannedRelease(
             replica_id=r.replica_id,

@@ -45,3 +45,12 @@ def test_decisions(samples: list[Sample], current: int, last: float | None, desi
     decision = decide("chat", DEP, current, samples, now, last)
     assert decision.desired == desired, decision.reason
     assert decision.reason
+
+
+def test_samples_a_window_apart_need_the_opening_one_saturated_too() -> None:
+    """Samples as far apart as the window: the one at the window's start is what shows the
+    signal already held then; a single saturated sample after a calm one is not a window."""
+    calm_then_busy = [Sample(39.5, 1.0), Sample(100.0, 10.0)]
+    assert decide("d", DEP, 2, calm_then_busy, now=100.0).desired == 2
+    busy_twice = [Sample(39.5, 10.0), Sample(100.0, 10.0)]
+    assert decide("d", DEP, 2, busy_twice, now=100.0).desired == 4

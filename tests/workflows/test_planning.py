@@ -157,3 +157,24 @@ def test_every_deployment_of_the_policy_is_planned_for_itself() -> None:
     out = plan_step(two, snap, CATALOG, PlanInput("summarize", samples), 100.0, ids())
     assert [(s.where, s.agent_id, s.gpu_indices) for s in out.starts] == [("reserved", "us-1", [1])]
     assert out.template is not None and out.template.deployment == "summarize"
+
+
+def test_nothing_is_started_or_released_while_the_fleet_is_being_observed() -> None:
+    """After a restart the fleet is empty until agents report: below min_replicas is not a
+    reason to rent, and a quiet spell is not a reason to release."""
+    empty = plan_step(
+        policy(),
+        FleetSnapshot((), ()),
+        CATALOG,
+        PlanInput("chat"),
+        100.0,
+        ids(),
+        observing="the scheduler started 0.4s ago; agents report within 2s",
+    )
+    assert empty.current == 0 and empty.desired == 1  # what autoscaling alone would want
+    assert empty.starts == [] and empty.releases == []
+    assert "the scheduler started 0.4s ago" in empty.reason
+    unobserved = plan_step(
+        policy(), FleetSnapshot((), ()), CATALOG, PlanInput("chat"), 100.0, ids()
+    )
+    assert len(unobserved.starts) == 1  # the same plan, with the fleet known, starts one
