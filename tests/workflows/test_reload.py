@@ -4,6 +4,7 @@ reported plainly instead of being retried."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -33,27 +34,39 @@ async def test_a_lock_moved_during_a_provision_leaves_nothing_outside_the_new_lo
     load = control.load(name, per_replica=10)
     load.start()
     prefix = f"provision-{name}-"
-    # A provision is in flight once its machine exists in `eu`; the replica is not serving yet.
-    await eventually(lambda: live_machines(moto_server, prefix), within_s=60, interval=0.05)
-    ((region, first_key),) = live_machines(moto_server, prefix)
+
+    # A provision is in flight once its machine's agent has registered; the replica is not
+    # serving yet. (The fleet is read in-process; EC2 is asked in a thread, off the loop that
+    # runs the scheduler.)
+    def rented() -> list[tuple[str, str]]:
+        assert control.scheduler is not None
+        return [
+            (r.registration.labels.region, r.registration.labels.extra["spillway-key"])
+            for r, _ in control.scheduler.fleet.agents()
+            if "spillway-key" in r.registration.labels.extra
+        ]
+
+    await eventually(rented, within_s=60, interval=0.02)
+    ((region, first_key),) = rented()
     assert CATALOG.region("aws", region).residency == "eu"
+    assert [k for _, k in await asyncio.to_thread(live_machines, moto_server, prefix)] == [
+        first_key
+    ]
     first_digest = control.store.digest
 
     # The operator moves the lock to `us` while that provision runs.
     policy["deployments"][name]["spillover"]["residency"] = "us"
     control.write_policy(policy)
     await eventually(lambda: control.store.digest != first_digest, within_s=10)
+    live: list[tuple[str, str]] = []
 
-    def outside_new_lock() -> list[tuple[str, str]]:
-        return [
-            (r, k)
-            for r, k in live_machines(moto_server, prefix)
-            if CATALOG.region("aws", r).residency != "us"
-        ]
+    async def inside_new_lock() -> bool:
+        live[:] = await asyncio.to_thread(live_machines, moto_server, prefix)
+        return all(CATALOG.region("aws", r).residency == "us" for r, _ in live)
 
     # The eu machine is given back; whatever serves the load now runs in `us`.
-    await eventually(lambda: not outside_new_lock(), within_s=90, interval=0.2)
-    assert first_key not in [k for _, k in live_machines(moto_server, prefix)]
+    await eventually_async(inside_new_lock, within_s=90, interval=0.5)
+    assert first_key not in [k for _, k in live]
     status = await host.status(name)
     assert status.policy_digest == control.store.digest
     assert any(f"policy {control.store.digest} in force" in line for line in status.recent)
