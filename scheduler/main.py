@@ -38,6 +38,7 @@ async def run_scheduler(config_path: Path, interceptors: Sequence[Any] = ()) -> 
                 f"127.0.0.1:{scheduler.port}",
                 interceptors=interceptors,
             )
+            scheduler.service.policy_store = store
             watch = asyncio.create_task(store.watch(config.policy_reload_every_s))
             log.info(
                 "control plane on task queue %s at %s, policy %s (%s)",

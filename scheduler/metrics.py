@@ -72,6 +72,23 @@ class FleetCollector(Collector):
         for code, count in sorted(self._service.rejected.items()):
             rejected.add_metric([code], count)
         yield rejected
+        store = self._service.policy_store
+        if store is not None:
+            info = GaugeMetricFamily(
+                "spillway_policy", "The policy in force (1), by digest.", labels=["digest"]
+            )
+            info.add_metric([store.digest], 1)
+            yield info
+            yield GaugeMetricFamily(
+                "spillway_policy_edit_refused",
+                "1 while the newest edit of the policy file is refused (the old one is in force).",
+                value=1 if store.errors else 0,
+            )
+            yield CounterMetricFamily(
+                "spillway_policy_refused_edits",
+                "Edits of the policy file refused since start.",
+                value=store.rejected_total,
+            )
 
 
 def start_metrics_server(

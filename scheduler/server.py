@@ -16,7 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -34,6 +34,9 @@ from scheduler.messages import (
 )
 from spillway.configfile import read_secret
 from spillway.v1 import agent_pb2 as pb
+
+if TYPE_CHECKING:
+    from scheduler.policystore import PolicyStore
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,8 @@ class SchedulerService:
         self.rejected: Counter[str] = Counter()  # by status code name
         self.open_streams = 0
         self.report_delay = DelayHistogram()
+        #: The policy store when this scheduler also runs the control plane (for metrics).
+        self.policy_store: PolicyStore | None = None
 
     async def _reject(
         self, context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, detail: str

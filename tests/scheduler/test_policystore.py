@@ -10,7 +10,7 @@ import pytest
 from scheduler.policy import Policy
 from scheduler.policystore import PolicyStore
 from spillway.configfile import ConfigError
-from tests.conftest import write_yaml
+from tests.conftest import SchedulerFactory, write_yaml
 
 
 def policy(max_replicas: int = 4) -> dict[str, Any]:
@@ -77,3 +77,29 @@ def test_a_missing_file_keeps_the_policy_and_an_invalid_start_is_refused(tmp_pat
     assert "broken.yaml:" in str(info.value)
     with pytest.raises(RuntimeError, match="not been loaded"):
         _ = PolicyStore(broken).policy
+
+
+async def test_the_policy_in_force_and_refused_edits_are_metrics(
+    start_scheduler: SchedulerFactory, tmp_path: Path
+) -> None:
+    import httpx
+
+    path = write_yaml(tmp_path / "policy.yaml", policy(4))
+    store = PolicyStore(path)
+    store.load()
+    scheduler = await start_scheduler(metrics_listen="127.0.0.1:0")
+    scheduler.service.policy_store = store
+
+    async def metrics() -> list[str]:
+        async with httpx.AsyncClient() as client:
+            url = f"http://127.0.0.1:{scheduler.metrics_port}/metrics"
+            return (await client.get(url)).text.splitlines()
+
+    lines = await metrics()
+    assert f'spillway_policy{{digest="{store.digest}"}} 1.0' in lines
+    assert "spillway_policy_edit_refused 0.0" in lines
+    path.write_text("deployments: [not, a, mapping]\n")
+    assert store.reload() is False
+    lines = await metrics()
+    assert "spillway_policy_edit_refused 1.0" in lines
+    assert "spillway_policy_refused_edits_total 1.0" in lines
