@@ -521,19 +521,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_profile(args: argparse.Namespace) -> GpuProfile:
-    base = profile_for_gpu(args.gpu_model)
-    tp = max(1, args.tp_size)
-    speed = args.speedup * tp  # assumption: tensor parallelism scales near-linearly
-    return GpuProfile(
-        name=base.name if tp == 1 else f"{tp}x{base.name}",
-        max_running_requests=args.max_running_requests or base.max_running_requests,
-        max_total_tokens=base.max_total_tokens * tp,
-        chunked_prefill_size=base.chunked_prefill_size,
-        prefill_tokens_per_s=base.prefill_tokens_per_s * speed,
-        prefill_step_s=base.prefill_step_s / args.speedup,
-        decode_step_base_s=base.decode_step_base_s / speed,
-        decode_step_per_request_s=base.decode_step_per_request_s / speed,
-        context_length=base.context_length,
+    return profile_for_gpu(args.gpu_model).scaled(
+        args.tp_size, args.speedup, args.max_running_requests
     )
 
 

@@ -197,3 +197,45 @@ def test_progress_made_before_a_late_submit_is_still_reported() -> None:
     assert set(done) == {"a", "b"}
     b_first = done["b"].first_token_at
     assert done["a"].at < 1.0 and b_first is not None and b_first > 5.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_forward_gives_bit_identical_results(seed: int) -> None:
+    """Skipping runs of identical decode steps changes no time, token count or busy time."""
+    import random
+
+    rng = random.Random(seed)
+    profile = dataclasses.replace(SMALL, max_running_requests=rng.choice([2, 4, 16]))
+    fast = BatchingModel(profile, fast_forward=True)
+    slow = BatchingModel(profile, fast_forward=False)
+    now = 0.0
+    got: dict[bool, list[Progress]] = {True: [], False: []}
+    for index in range(300):
+        now += rng.expovariate(rng.choice([5.0, 40.0, 200.0]))
+        prompt = rng.randint(1, 1500)
+        new = rng.randint(1, 300)
+        stream = rng.random() < 0.1
+        for model, out in ((fast, got[True]), (slow, got[False])):
+            out += model.advance(now)
+            model.submit(f"r{index}", prompt, new, now, stream=stream)
+        if rng.random() < 0.2:  # poll in between, as a server or router would
+            probe = now + rng.random() * 0.05
+            got[True] += fast.advance(probe)
+            got[False] += slow.advance(probe)
+            assert fast.stats(probe) == slow.stats(probe)
+    got[True] += fast.advance(now + 1e4)
+    got[False] += slow.advance(now + 1e4)
+    assert got[True] == got[False]
+    assert sum(1 for p in got[True] if p.finished) == 300
+    assert fast.busy_s == slow.busy_s > 0
+    assert fast.stats(now + 1e4) == slow.stats(now + 1e4)
+
+
+def test_scaled_profile_multiplies_rates_and_kv_by_tensor_parallel_size() -> None:
+    base = PROFILES["H100-80GB"]
+    eight = base.scaled(tp=8)
+    assert eight.name == "8xH100-80GB"
+    assert eight.max_total_tokens == base.max_total_tokens * 8
+    assert eight.prefill_tokens_per_s == pytest.approx(base.prefill_tokens_per_s * 8)
+    assert eight.decode_step_per_request_s == pytest.approx(base.decode_step_per_request_s / 8)
+    assert base.scaled() == base
