@@ -196,6 +196,64 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from scheduler.policy import load_policy
+    from scheduler.simulate import load_settings, load_trace, simulate
+    from scheduler.simulate.report import table
+
+    policy = load_policy(args.policy)
+    settings = load_settings(args.settings)
+    overrides: dict[str, object] = {}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.ttft_slo is not None:
+        overrides["ttft_slo_s"] = args.ttft_slo
+    if args.reserved is not None:
+        overrides["reserved"] = settings.reserved.model_copy(update={"machines": args.reserved})
+    settings = settings.model_copy(update=overrides)
+    trace = load_trace(args.trace).stretched(args.time_scale, args.loops)
+    sim = simulate(policy, trace, settings, deployment=args.deployment)
+    files = sim.write(args.out, requests=not args.no_requests, png=not args.no_png)
+    if args.json:
+        data = sim.data()
+        keep = ("trace", "deployment", "reserved", "notes", "scenarios", "comparison")
+        print(json.dumps({k: data[k] for k in keep}, indent=2))
+        return 0
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    for note in sim.setup.notes:
+        console.print(f"note: {note}")
+    console.print(table(sim.summaries, sim.title()))
+    c = sim.comparison
+    cheapest = c["cheapest_holding_slo"]
+    share = f"{c['slo_share'] * 100:g}%"
+    if cheapest is None:
+        console.print(f"no scenario kept {share} of requests within the TTFT target")
+    else:
+        line = f"cheapest scenario keeping {share} of requests within the TTFT target: {cheapest}"
+        margin = c["policy_saves_vs_next_cheapest_holding"]
+        if margin is not None:
+            line += f" ({margin * 100:.1f}% cheaper than the next)"
+        console.print(line)
+    console.print(f"simulated in {sim.wall_s:.1f}s; wrote {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
+    return number
+
+
+def _at_least_one(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {value}")
+    return number
+
+
 def _cmd_policy_schema(args: argparse.Namespace) -> int:
     from scheduler.policy import policy_schema
 
@@ -348,6 +406,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="operator token file (default: $SPILLWAY_TOKEN_FILE)",
     )
     plan.set_defaults(func=_cmd_plan)
+
+    sim = commands.add_parser(
+        "simulate",
+        help="replay a request trace: what the policy costs and how it holds a TTFT target, "
+        "against reserved-only and on-demand-only",
+    )
+    sim.add_argument("--trace", type=Path, required=True, help="CSV: time, input and output tokens")
+    sim.add_argument("--policy", type=Path, required=True, help="policy file (YAML)")
+    sim.add_argument("--deployment", help="the deployment the trace is for (default: the only one)")
+    sim.add_argument("--settings", type=Path, help="simulation assumptions (YAML)")
+    sim.add_argument(
+        "--time-scale", type=_positive, default=1.0, help="multiply trace times (2: half the rate)"
+    )
+    sim.add_argument(
+        "--loops", type=_at_least_one, default=1, help="play the trace this many times in a row"
+    )
+    sim.add_argument("--seed", type=int, help="seed of every random draw (default: settings)")
+    sim.add_argument("--ttft-slo", type=_positive, help="TTFT target in seconds")
+    sim.add_argument(
+        "--reserved", type=int, help="reserved machines (default: sized to the mean load)"
+    )
+    sim.add_argument(
+        "--out", type=Path, default=Path("simulation"), help="folder for JSON, PNG and CSV"
+    )
+    sim.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    sim.add_argument("--no-requests", action="store_true", help="skip the per-request CSV")
+    sim.add_argument("--no-png", action="store_true", help="skip the PNG")
+    sim.set_defaults(func=_cmd_simulate)
     return parser
 
 
