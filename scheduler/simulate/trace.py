@@ -4,7 +4,8 @@ Accepted headers (case-insensitive): a time column ``timestamp`` or ``time`` (IS
 ``2023-11-16 18:15:46.6805900``, or seconds as a number), an input column ``contexttokens``,
 ``input_tokens`` or ``prompt_tokens``, and an output column ``generatedtokens``,
 ``output_tokens`` or ``completion_tokens``. The Azure LLM inference traces use the first names.
-Times are made relative to the first request. Rows need not be sorted; they are sorted by time.
+Times are made relative to the first request, and the trace lasts one mean gap past its last
+request (so a looped trace keeps its rate). Rows need not be sorted; they are sorted by time.
 
 A bad row is an error naming the file, the line and the column, and what was expected. Nothing
 here reads anything but the trace file.
@@ -174,4 +175,7 @@ def load_trace(path: Path | str) -> Trace:
             raise TraceError(f"{path}:{reader.line_num}: not a CSV file: {exc}") from exc
     if not rows:
         raise TraceError(f"{path}: the trace has a header but no requests")
-    return Trace.of(rows, source=str(path))
+    span = max(r[0] for r in rows) - min(r[0] for r in rows)
+    # One mean gap after the last request, so that a looped trace keeps its rate.
+    duration = span * len(rows) / (len(rows) - 1) if len(rows) > 1 else 0.0
+    return Trace.of(rows, duration_s=duration, source=str(path))

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import scheduler.simulate.controllers as controllers
+import workflows.planning as planning
 from agent.runtimes.simulated_model import PROFILES
 from providers.catalog import OfferRequest, default_catalog
 from scheduler.simulate import SimSettings, Trace, simulate
@@ -126,7 +127,7 @@ def test_a_locked_deployment_never_runs_outside_its_residency_group() -> None:
     # Capacity errors half the time: provisions walk to other offers, all inside the lock.
     clouds = {c: {"boot_s": 60, "capacity_error_probability": 0.5} for c in ("aws", "gcp", "azure")}
     sim = simulate(policy(residency="eu"), bursty_trace(busy=6.0), settings(clouds=clouds))
-    residency = {
+    residency: dict[tuple[str, str], str] = {
         (c.cloud, r.name): r.residency for c in catalog.clouds.values() for r in c.regions.values()
     }
     for name in ("policy", "on-demand"):
@@ -151,7 +152,7 @@ def test_the_same_seed_gives_the_same_result_and_another_seed_does_not() -> None
 
 def test_decisions_come_from_plan_step(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[float] = []
-    real = controllers.plan_step
+    real = planning.plan_step
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append(args[4])  # now
