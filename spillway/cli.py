@@ -232,9 +232,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         console.print(f"no scenario kept {share} of requests within the TTFT target")
     else:
         line = f"cheapest scenario keeping {share} of requests within the TTFT target: {cheapest}"
-        margin = c["policy_saves_vs_next_cheapest_holding"]
-        if margin is not None:
-            line += f" ({margin * 100:.1f}% cheaper than the next)"
+        if c["saving_vs_next"] is not None:
+            line += (
+                f", {c['saving_vs_next'] * 100:.1f}% less than the next, "
+                f"{c['next_cheapest_holding_slo']}"
+            )
         console.print(line)
     console.print(f"simulated in {sim.wall_s:.1f}s; wrote {', '.join(str(f) for f in files)}")
     return 0

@@ -372,15 +372,17 @@ class BatchingModel:
             if self._reserved + head.prompt_tokens + head.max_new_tokens <= p.max_total_tokens:
                 head_arrival = head.arrived_at  # admitted at the first iteration after it
         step = p.decode_step_base_s + p.decode_step_per_request_s * len(batch)
-        start = t = self._clock
+        t = self._clock
         n = 0
         ends: list[float] = []
+        busy = self.busy_s
         while n < left - 1:
             if head_arrival is not None and head_arrival <= t:
                 break
             end = t + step
             if end > now:
                 break
+            busy += end - t
             t = end
             ends.append(end)
             n += 1
@@ -390,7 +392,7 @@ class BatchingModel:
             request.generated += n
         produced = n * len(batch)
         self.generation_tokens_total += produced
-        self.busy_s += t - start
+        self.busy_s = busy
         self._recent.extend((end, len(batch)) for end in ends)
         self._clock = t
         self._trim_recent()

@@ -193,7 +193,7 @@ class Cluster:
             replica_id,
             machine,
             tuple(gpu_indices),
-            BatchingModel(self.profile, self.now),
+            BatchingModel(self.profile, self.now, fast_forward=self.settings.fast_forward),
             ReplicaState.STARTING,
             started_at=self.now,
         )

@@ -22,6 +22,7 @@ from typing import Any
 from agent.runtimes.simulated_model import (
     BatchingModel,
     GpuProfile,
+    Progress,
     RequestRejected,
     profile_for_gpu,
 )
@@ -84,54 +85,84 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-def replica_capacity(
-    profile: GpuProfile, trace: Trace, slo_s: float, seed: int, probe_s: float = PROBE_S
-) -> float:
-    """Requests per second one replica serves with p99 time to first token within ``slo_s``,
-    for the trace's request sizes (Poisson arrivals, bisection on the rate)."""
+def _sizes(trace: Trace, seed: int) -> list[tuple[int, int]]:
     rng = random.Random(seed)
     count = len(trace)
-    sizes = [
-        (trace.input_tokens[i], trace.output_tokens[i])
-        for i in (rng.randrange(count) for _ in range(min(count, 5000)))
-    ]
+    picks = (rng.randrange(count) for _ in range(min(count, 5000)))
+    return [(trace.input_tokens[i], trace.output_tokens[i]) for i in picks]
+
+
+def holds_target(
+    profile: GpuProfile,
+    sizes: Sequence[tuple[int, int]],
+    rate: float,
+    replicas: int,
+    slo_s: float,
+    seed: int,
+    probe_s: float = PROBE_S,
+) -> bool:
+    """Do ``replicas`` replicas, sent the shortest queue's way, keep p99 time to first token
+    within ``slo_s`` under Poisson arrivals at ``rate`` with these request sizes?"""
+    probe = random.Random(seed + 1)
+    models = [BatchingModel(profile) for _ in range(replicas)]
+    ttfts: list[float] = []
+
+    def collect(updates: list[Progress]) -> None:
+        for p in updates:
+            if p.finished and p.first_token_at is not None:
+                ttfts.append(p.first_token_at - p.arrived_at)
+
+    now = 0.0
+    index = 0
+    while True:
+        now += probe.expovariate(rate)
+        if now >= probe_s:
+            break
+        for model in models:
+            collect(model.advance(now))
+        prompt, new = sizes[index % len(sizes)]
+        index += 1
+        target = min(models, key=lambda m: m.in_flight)
+        try:
+            target.submit(str(index), prompt, new, now)
+        except RequestRejected:
+            continue
+    for model in models:
+        collect(model.advance(math.inf))
+    ttfts.sort()
+    return bool(ttfts) and percentile(ttfts, 99) <= slo_s
+
+
+def replica_capacity(profile: GpuProfile, trace: Trace, slo_s: float, seed: int) -> float:
+    """Requests per second one replica serves with p99 time to first token within ``slo_s``,
+    for the trace's request sizes (Poisson arrivals, bisection on the rate): what a load test
+    of one replica shows."""
+    sizes = _sizes(trace, seed)
     mean_in = sum(s[0] for s in sizes) / len(sizes)
     mean_out = sum(s[1] for s in sizes) / len(sizes)
     # Work per request at a full batch: its prefill, and its share of every decode step.
     busy = mean_in / profile.prefill_tokens_per_s + mean_out * profile.decode_step_per_request_s
-    ceiling = 1.5 / busy
-
-    def holds(rate: float) -> bool:
-        probe = random.Random(seed + 1)
-        model = BatchingModel(profile)
-        ttfts: list[float] = []
-        now = 0.0
-        index = 0
-        while now < probe_s:
-            now += probe.expovariate(rate)
-            for p in model.advance(now):
-                if p.finished and p.first_token_at is not None:
-                    ttfts.append(p.first_token_at - p.arrived_at)
-            prompt, new = sizes[index % len(sizes)]
-            index += 1
-            try:
-                model.submit(str(index), prompt, new, now)
-            except RequestRejected:
-                continue
-        for p in model.advance(math.inf):
-            if p.finished and p.first_token_at is not None:
-                ttfts.append(p.first_token_at - p.arrived_at)
-        ttfts.sort()
-        return bool(ttfts) and percentile(ttfts, 99) <= slo_s
-
-    low, high = 0.0, ceiling
+    low, high = 0.0, 1.5 / busy
     for _ in range(9):
         middle = (low + high) / 2
-        if holds(middle):
+        if holds_target(profile, sizes, middle, 1, slo_s, seed):
             low = middle
         else:
             high = middle
     return low
+
+
+def replicas_for_mean_load(
+    profile: GpuProfile, trace: Trace, slo_s: float, seed: int, limit: int = 256
+) -> int:
+    """The fewest replicas that keep the TTFT target at the trace's mean rate, steady: reserved
+    capacity "near the mean load" (bursts above the mean are what spilling is for)."""
+    sizes = _sizes(trace, seed)
+    rate = trace.mean_rate()
+    for replicas in range(1, limit + 1):
+        if holds_target(profile, sizes, rate, replicas, slo_s, seed):
+            return replicas
+    return limit
 
 
 def _price_per_gpu_hour(policy: Policy, dep: Deployment, catalog: Catalog) -> float:
@@ -193,12 +224,12 @@ def prepare(
             f"{dep.gpus} GPUs on one machine"
         )
     if reserved.machines is None:
-        replicas = max(1, round(trace.mean_rate() / capacity))
+        replicas = replicas_for_mean_load(profile, trace, settings.ttft_slo_s, settings.seed)
         per = per_machine // dep.gpus
         machines = math.ceil(replicas / per)
         notes.append(
-            f"reserved GPUs sized to the mean load: {trace.mean_rate():.2f} requests/s over "
-            f"{capacity:.2f} per replica -> {replicas} replicas on {machines} machines"
+            f"reserved GPUs sized to the mean load: {replicas} replicas ({machines} machines) "
+            f"keep the TTFT target at a steady {trace.mean_rate():.2f} requests/s"
         )
     else:
         machines = reserved.machines
@@ -480,7 +511,7 @@ def summarize(result: ScenarioResult, setup: Setup, settings: SimSettings) -> di
         ),
         # ... and the share of time they were running an iteration (as nvidia-smi counts it).
         "reserved_busy": (
-            reserved_busy / (result.reserved_gpus * horizon)
+            min(1.0, reserved_busy / (result.reserved_gpus * horizon))
             if result.reserved_gpus and horizon > 0
             else None
         ),

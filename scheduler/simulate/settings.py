@@ -150,6 +150,10 @@ class SimSettings(Strict):
     gpu_profile: str | None = Field(
         default=None, description="Replica speed profile (unset: from the deployment's SKU)."
     )
+    fast_forward: bool = Field(
+        default=True,
+        description="Apply runs of identical decode steps at once (exact; off only to compare).",
+    )
     clouds: dict[str, CloudModel] = Field(default_factory=_default_clouds)
     reserved: ReservedFleet = Field(default_factory=ReservedFleet)
     on_demand: OnDemandBaseline = Field(default_factory=OnDemandBaseline)

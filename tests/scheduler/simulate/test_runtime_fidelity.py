@@ -31,7 +31,7 @@ from tests.agent.test_simulated_server import Server, healthy
 
 #: The GPU the runtime's test server imitates (``Server`` launches with this name).
 GPU = "NVIDIA L40S"
-REQUESTS = 300
+REQUESTS = 250
 RATE_PER_S = 4.0  # model seconds; the L40S profile prefills ~5,000 tokens/s, so ~60% prefill
 SEED = 7
 #: The runtime runs this many times faster than real time; 1 ms of wall clock is SPEEDUP ms of
