@@ -259,7 +259,7 @@ class Cluster:
                 return
             option, zone = attempts[index]
             cloud = s.cloud(option.cloud)
-            if self.rng.random() < cloud.capacity_error_probability:
+            if self.rng.random() < cloud.capacity_error(option.instance_type, option.region):
                 done = self.now + s.launch_call_s
                 self.no_capacity[(option.cloud, option.instance_type, zone)] = (
                     done + s.capacity_memory_s

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from spillway.configfile import load_model
 
@@ -31,10 +31,30 @@ class CloudModel(Strict):
         le=1,
         description="Chance that one launch attempt (one offer, one zone) has no capacity.",
     )
+    offers: dict[str, float] = Field(
+        default_factory=dict,
+        description="Capacity-error probability of particular offers, by instance type or "
+        "'INSTANCE_TYPE@REGION' (the latter wins); others use capacity_error_probability.",
+    )
     billing_granularity_s: float = Field(
         default=1, gt=0, description="Billed time is rounded up to a multiple of this."
     )
     billing_minimum_s: float = Field(default=60, ge=0, description="Shortest billed time.")
+
+    @field_validator("offers")
+    @classmethod
+    def _probabilities(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, p in value.items():
+            if not 0 <= p <= 1:
+                raise ValueError(f"{key}: a probability from 0 to 1, got {p:g}")
+        return value
+
+    def capacity_error(self, instance_type: str, region: str) -> float:
+        """The chance that one launch attempt of this offer finds no capacity."""
+        found = self.offers.get(f"{instance_type}@{region}")
+        if found is None:
+            found = self.offers.get(instance_type, self.capacity_error_probability)
+        return found
 
 
 def _default_clouds() -> dict[str, CloudModel]:

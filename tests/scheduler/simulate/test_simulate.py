@@ -218,3 +218,26 @@ def test_outputs_are_written(tmp_path: Path) -> None:
     assert (tmp_path / "simulation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (tmp_path / "requests.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 * len(sim.trace)
+
+
+def test_the_example_settings_file_holds_the_defaults() -> None:
+    example = Path(__file__).resolve().parents[3] / "examples" / "simulation.yaml"
+    assert load_settings(example) == SimSettings()
+
+
+def test_capacity_errors_per_offer_override_the_cloud() -> None:
+    cloud = (
+        SimSettings()
+        .cloud("aws")
+        .model_copy(update={"offers": {"g6e.xlarge": 0.9, "g6e.xlarge@us-east-1": 1.0}})
+    )
+    assert cloud.capacity_error("g6e.xlarge", "us-east-1") == 1.0
+    assert cloud.capacity_error("g6e.xlarge", "us-west-2") == 0.9
+    assert cloud.capacity_error("g6e.2xlarge", "us-east-1") == cloud.capacity_error_probability
+    # The cheapest L40S machine on AWS always refuses: provisions walk on to other offers.
+    refuse = {"aws": {"boot_s": 60, "capacity_error_probability": 0, "offers": {"g6e.xlarge": 1}}}
+    sim = simulate(policy(), bursty_trace(busy=6.0), settings(clouds=refuse), scenarios=("policy",))
+    c = sim.results["policy"].cluster
+    assert any(e.kind == "capacity_error" and "g6e.xlarge" in e.text for e in c.events)
+    rented = [m for m in c.machines.values() if m.rented]
+    assert rented and all(m.instance_type != "g6e.xlarge" for m in rented)
