@@ -468,7 +468,7 @@ class Cluster:
                 self.now,
             )
         except RequestRejected as exc:
-            self._reject(request, str(exc).split(" (")[0].split(",")[0])
+            self._reject(request, _why(str(exc)))
             return
         self.served_by[request] = self._replica_index[best.replica_id]
         self.outcome[request] = SPILLED if best.spilled else RESERVED
@@ -476,8 +476,7 @@ class Cluster:
 
     def _reject(self, request: int, reason: str) -> None:
         self.outcome[request] = REJECTED
-        key = "too long for the replica" if "more than" in reason else reason
-        self.rejections[key] = self.rejections.get(key, 0) + 1
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
 
     def _drain_backlog(self) -> None:
         while self._backlog and self._serving:
@@ -523,6 +522,17 @@ class Cluster:
 
     def _event(self, kind: str, replica_id: str, text: str) -> None:
         self.events.append(Event(self.now, kind, replica_id, text))
+
+
+def _why(message: str) -> str:
+    """A rejection's reason without the numbers of one request, to count them together."""
+    if "context length" in message:
+        return "longer than the context length"
+    if "KV pool" in message:
+        return "larger than the KV pool"
+    if "at least 1 token" in message:
+        return "no prompt or nothing to generate"
+    return message
 
 
 def _where(machine: Machine) -> str:

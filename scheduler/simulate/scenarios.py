@@ -63,6 +63,8 @@ class Setup:
     params_b: float
     weights_bytes: float
     replica_capacity_rps: float
+    #: Requests per second one replica finishes flat out (for utilization).
+    replica_throughput_rps: float
     reserved_machines: int
     gpus_per_machine: int
     reserved_pool: str
@@ -133,16 +135,22 @@ def holds_target(
     return bool(ttfts) and percentile(ttfts, 99) <= slo_s
 
 
+def replica_throughput(profile: GpuProfile, trace: Trace, seed: int) -> float:
+    """Requests per second one replica finishes flat out, with the trace's request sizes: each
+    request costs its prefill and its share of every decode step of a full batch."""
+    sizes = _sizes(trace, seed)
+    mean_in = sum(s[0] for s in sizes) / len(sizes)
+    mean_out = sum(s[1] for s in sizes) / len(sizes)
+    busy = mean_in / profile.prefill_tokens_per_s + mean_out * profile.decode_step_per_request_s
+    return 1 / busy
+
+
 def replica_capacity(profile: GpuProfile, trace: Trace, slo_s: float, seed: int) -> float:
     """Requests per second one replica serves with p99 time to first token within ``slo_s``,
     for the trace's request sizes (Poisson arrivals, bisection on the rate): what a load test
     of one replica shows."""
     sizes = _sizes(trace, seed)
-    mean_in = sum(s[0] for s in sizes) / len(sizes)
-    mean_out = sum(s[1] for s in sizes) / len(sizes)
-    # Work per request at a full batch: its prefill, and its share of every decode step.
-    busy = mean_in / profile.prefill_tokens_per_s + mean_out * profile.decode_step_per_request_s
-    low, high = 0.0, 1.5 / busy
+    low, high = 0.0, 1.5 * replica_throughput(profile, trace, seed)
     for _ in range(9):
         middle = (low + high) / 2
         if holds_target(profile, sizes, middle, 1, slo_s, seed):
@@ -252,6 +260,7 @@ def prepare(
         params_b=params,
         weights_bytes=settings.weights_bytes_for(dep.model),
         replica_capacity_rps=capacity,
+        replica_throughput_rps=replica_throughput(profile, trace, settings.seed),
         reserved_machines=machines,
         gpus_per_machine=per_machine,
         reserved_pool=pool,
@@ -502,10 +511,10 @@ def summarize(result: ScenarioResult, setup: Setup, settings: SimSettings) -> di
         },
         "usd_per_million_output_tokens": total / output_tokens * 1e6 if output_tokens else None,
         "reserved_gpus": result.reserved_gpus,
-        # Load on the reserved GPUs against what they hold within the TTFT target...
+        # The load the reserved replicas served, against what they finish flat out...
         "reserved_utilization": (
             sum(1 for i in served if outcome[i] == RESERVED)
-            / (reserved_replicas * setup.replica_capacity_rps * horizon)
+            / (reserved_replicas * setup.replica_throughput_rps * horizon)
             if reserved_replicas and horizon > 0
             else None
         ),

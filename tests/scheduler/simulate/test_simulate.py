@@ -44,6 +44,10 @@ def test_every_request_is_served_or_rejected_and_none_is_lost() -> None:
         assert s["served"] + s["rejected"] == len(trace), name
         assert s["lost"] == 0, name
         assert s["rejected"] == 3, name
+        assert s["rejections"] == {
+            "longer than the context length": 2,
+            "no prompt or nothing to generate": 1,
+        }
         assert s["served_on_reserved"] + s["served_on_rented"] == s["served"]
         c = sim.results[name].cluster
         for i in range(len(trace)):
