@@ -1,7 +1,7 @@
 """The trace simulator's replicas behave like the simulated runtime under the same load.
 
-One workload (Poisson arrivals loading one L40S replica to about three quarters of what it can
-prefill, prompts of 200-1,200 tokens, 20-150 output tokens) is played twice: through
+One workload (Poisson arrivals loading one L40S replica to about three quarters of its capacity,
+prompts of 200-1,200 tokens, 20-150 output tokens) is played twice: through
 :class:`~scheduler.simulate.cluster.Cluster` with one reserved replica, in simulated time, and
 against the real simulated runtime (``python -m agent.runtimes.simulated_server``, an HTTP
 process) with each request sent at its arrival time, the whole run ``SPEEDUP`` times faster
@@ -32,10 +32,14 @@ from tests.agent.test_simulated_server import Server, healthy
 #: The GPU the runtime's test server imitates (``Server`` launches with this name).
 GPU = "NVIDIA L40S"
 REQUESTS = 250
-RATE_PER_S = 4.0  # model seconds; the L40S profile prefills ~5,000 tokens/s, so ~60% prefill
+#: Requests per model second. The L40S profile prefills ~5,000 tokens/s, so prompts of 700
+#: tokens on average keep it prefilling ~60% of the time; it saturates at about 5.3 per second.
+RATE_PER_S = 4.0
 SEED = 7
-#: The runtime runs this many times faster than real time; 1 ms of wall clock is SPEEDUP ms of
-#: model time, so the lower, the less HTTP and event-loop overheads weigh.
+#: The runtime runs this many times faster than real time (250 requests: ~21 s of wall clock).
+#: Each millisecond that HTTP and the two event loops add to a request counts as SPEEDUP ms of
+#: model time: about 2.5 ms, so +3 to +5 % on the median time to first token at 3 (+6 to +10 %
+#: at 5); at 20 the server's event loop falls behind its per-token streaming.
 SPEEDUP = 3.0
 TOLERANCE = 0.15
 
@@ -191,8 +195,8 @@ async def test_simulator_agrees_with_the_simulated_runtime(tmp_path: Path) -> No
     finally:
         server.stop()
 
-    assert len(measured.ttft_s) == len(trace)
-    assert all(t > 0 for t in measured.ttft_s)
+    assert len(measured.ttft_s) == len(trace)  # every request ran to its last token
+    assert min(measured.ttft_s) > 0 and 0 < measured.p50 < measured.p99
     misses = [
         miss
         for miss in (
