@@ -42,8 +42,6 @@ from scheduler.simulate.trace import Trace
 from spillway.configfile import InputError
 
 SCENARIOS = ("reserved-only", "on-demand", "policy")
-#: Requests per second are probed this long per step when measuring a replica's capacity.
-PROBE_S = 600.0
 
 
 class SimulationError(InputError):
@@ -62,7 +60,9 @@ class Setup:
     profile: GpuProfile
     params_b: float
     weights_bytes: float
-    replica_capacity_rps: float
+    #: Requests per second one replica holds within the TTFT target (None: not measured,
+    #: the on-demand baseline's target was given).
+    replica_capacity_rps: float | None
     #: Requests per second one replica finishes flat out (for utilization).
     replica_throughput_rps: float
     reserved_machines: int
@@ -87,11 +87,13 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-def _sizes(trace: Trace, seed: int) -> list[tuple[int, int]]:
-    rng = random.Random(seed)
-    count = len(trace)
-    picks = (rng.randrange(count) for _ in range(min(count, 5000)))
-    return [(trace.input_tokens[i], trace.output_tokens[i]) for i in picks]
+def _sizes(trace: Trace, seed: int, limit: int = 20_000) -> list[tuple[int, int]]:
+    """Request sizes spread evenly over the whole trace (a looped trace gives the same ones),
+    in a seeded random order."""
+    step = max(1, len(trace) // limit)
+    sizes = [(trace.input_tokens[i], trace.output_tokens[i]) for i in range(0, len(trace), step)]
+    random.Random(seed).shuffle(sizes)
+    return sizes
 
 
 def holds_target(
@@ -101,10 +103,10 @@ def holds_target(
     replicas: int,
     slo_s: float,
     seed: int,
-    probe_s: float = PROBE_S,
+    requests: int,
 ) -> bool:
     """Do ``replicas`` replicas, sent the shortest queue's way, keep p99 time to first token
-    within ``slo_s`` under Poisson arrivals at ``rate`` with these request sizes?"""
+    within ``slo_s`` under ``requests`` Poisson arrivals at ``rate`` with these sizes?"""
     probe = random.Random(seed + 1)
     models = [BatchingModel(profile) for _ in range(replicas)]
     ttfts: list[float] = []
@@ -115,15 +117,11 @@ def holds_target(
                 ttfts.append(p.first_token_at - p.arrived_at)
 
     now = 0.0
-    index = 0
-    while True:
+    for index in range(requests):
         now += probe.expovariate(rate)
-        if now >= probe_s:
-            break
         for model in models:
             collect(model.advance(now))
         prompt, new = sizes[index % len(sizes)]
-        index += 1
         target = min(models, key=lambda m: m.in_flight)
         try:
             target.submit(str(index), prompt, new, now)
@@ -145,7 +143,9 @@ def replica_throughput(profile: GpuProfile, trace: Trace, seed: int) -> float:
     return 1 / busy
 
 
-def replica_capacity(profile: GpuProfile, trace: Trace, slo_s: float, seed: int) -> float:
+def replica_capacity(
+    profile: GpuProfile, trace: Trace, slo_s: float, seed: int, requests: int
+) -> float:
     """Requests per second one replica serves with p99 time to first token within ``slo_s``,
     for the trace's request sizes (Poisson arrivals, bisection on the rate): what a load test
     of one replica shows."""
@@ -153,7 +153,7 @@ def replica_capacity(profile: GpuProfile, trace: Trace, slo_s: float, seed: int)
     low, high = 0.0, 1.5 * replica_throughput(profile, trace, seed)
     for _ in range(9):
         middle = (low + high) / 2
-        if holds_target(profile, sizes, middle, 1, slo_s, seed):
+        if holds_target(profile, sizes, middle, 1, slo_s, seed, requests):
             low = middle
         else:
             high = middle
@@ -161,14 +161,14 @@ def replica_capacity(profile: GpuProfile, trace: Trace, slo_s: float, seed: int)
 
 
 def replicas_for_mean_load(
-    profile: GpuProfile, trace: Trace, slo_s: float, seed: int, limit: int = 256
+    profile: GpuProfile, trace: Trace, slo_s: float, seed: int, requests: int, limit: int = 256
 ) -> int:
     """The fewest replicas that keep the TTFT target at the trace's mean rate, steady: reserved
     capacity "near the mean load" (bursts above the mean are what spilling is for)."""
     sizes = _sizes(trace, seed)
     rate = trace.mean_rate()
     for replicas in range(1, limit + 1):
-        if holds_target(profile, sizes, rate, replicas, slo_s, seed):
+        if holds_target(profile, sizes, rate, replicas, slo_s, seed, requests):
             return replicas
     return limit
 
@@ -218,12 +218,16 @@ def prepare(
     base = profile_for_gpu(settings.gpu_profile or dep.sku)
     profile = base.scaled(tp=dep.gpus, speedup=8.0 / params)
     lock = resolve_lock(policy, dep, catalog)
-    capacity = replica_capacity(profile, trace, settings.ttft_slo_s, settings.seed)
-    if capacity <= 0:
-        raise SimulationError(
-            f"one replica of {dep.model} on {dep.gpus}x {dep.sku} cannot meet a time to first "
-            f"token of {settings.ttft_slo_s:g}s for this trace's requests even when idle"
-        )
+    slo, seed, probe = settings.ttft_slo_s, settings.seed, settings.probe_requests
+    capacity: float | None = None
+    if settings.on_demand.target_qps_per_replica is None:
+        capacity = replica_capacity(profile, trace, slo, seed, probe)
+        if capacity <= 0:
+            raise SimulationError(
+                f"one replica of {dep.model} on {dep.gpus}x {dep.sku} cannot keep the time to "
+                f"first token within {slo:g}s for this trace's requests even when idle; set "
+                "on_demand.target_qps_per_replica in the settings to run the baseline anyway"
+            )
     reserved = settings.reserved
     per_machine = reserved.gpus_per_machine or dep.gpus
     if per_machine < dep.gpus:
@@ -232,7 +236,7 @@ def prepare(
             f"{dep.gpus} GPUs on one machine"
         )
     if reserved.machines is None:
-        replicas = replicas_for_mean_load(profile, trace, settings.ttft_slo_s, settings.seed)
+        replicas = replicas_for_mean_load(profile, trace, slo, seed, probe)
         per = per_machine // dep.gpus
         machines = math.ceil(replicas / per)
         notes.append(
@@ -250,6 +254,7 @@ def prepare(
     on_demand_price = _price_per_gpu_hour(policy, dep, catalog)
     reserved_price = reserved.usd_per_gpu_hour or on_demand_price * (1 - reserved.discount)
     target_qps = settings.on_demand.target_qps_per_replica or capacity
+    assert target_qps is not None
     return Setup(
         deployment=deployment,
         dep=dep,

@@ -170,6 +170,12 @@ class SimSettings(Strict):
     gpu_profile: str | None = Field(
         default=None, description="Replica speed profile (unset: from the deployment's SKU)."
     )
+    probe_requests: int = Field(
+        default=20_000,
+        ge=500,
+        description="Requests per load probe (what one replica holds, how many replicas the "
+        "mean load needs); the p99 rests on the worst 1% of them.",
+    )
     fast_forward: bool = Field(
         default=True,
         description="Apply runs of identical decode steps at once (exact; off only to compare).",

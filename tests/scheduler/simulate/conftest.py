@@ -63,6 +63,7 @@ def bursty_trace(seed: int = 1, minutes: int = 30, quiet: float = 1.5, busy: flo
 def settings(**fields: Any) -> SimSettings:
     base: dict[str, Any] = {
         "seed": 3,
+        "probe_requests": 3000,
         "reserved": {"machines": 2},
         "on_demand": {"upscale_delay_s": 60, "downscale_delay_s": 300},
     }

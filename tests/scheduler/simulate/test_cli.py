@@ -24,7 +24,12 @@ def write_inputs(tmp_path: Path, minutes: int = 10) -> tuple[Path, Path]:
     csv_path.write_text("\n".join(lines) + "\n")
     policy_path = tmp_path / "policy.yaml"
     policy_path.write_text(yaml.safe_dump(policy().model_dump(mode="json", exclude_none=True)))
+    (tmp_path / "sim.yaml").write_text("probe_requests: 2000\n")
     return csv_path, policy_path
+
+
+def settings_args(tmp_path: Path) -> list[str]:
+    return ["--settings", str(tmp_path / "sim.yaml")]
 
 
 def test_table_and_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,6 +66,7 @@ def test_json_with_a_stretched_trace(tmp_path: Path, capsys: pytest.CaptureFixtu
     trace, pol = write_inputs(tmp_path, minutes=5)
     args = ["simulate", "--trace", str(trace), "--policy", str(pol), "--json", "--no-png"]
     args += ["--loops", "2", "--time-scale", "2", "--seed", "4", "--out", str(tmp_path / "o")]
+    args += settings_args(tmp_path)
     assert main(args) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["trace"]["requests"] == 2 * len(bursty_trace(minutes=5))
