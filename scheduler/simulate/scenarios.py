@@ -104,11 +104,12 @@ def holds_target(
     slo_s: float,
     seed: int,
     requests: int,
+    fast_forward: bool = True,
 ) -> bool:
     """Do ``replicas`` replicas, sent the shortest queue's way, keep p99 time to first token
     within ``slo_s`` under ``requests`` Poisson arrivals at ``rate`` with these sizes?"""
     probe = random.Random(seed + 1)
-    models = [BatchingModel(profile) for _ in range(replicas)]
+    models = [BatchingModel(profile, fast_forward=fast_forward) for _ in range(replicas)]
     ttfts: list[float] = []
 
     def collect(updates: list[Progress]) -> None:
@@ -144,7 +145,12 @@ def replica_throughput(profile: GpuProfile, trace: Trace, seed: int) -> float:
 
 
 def replica_capacity(
-    profile: GpuProfile, trace: Trace, slo_s: float, seed: int, requests: int
+    profile: GpuProfile,
+    trace: Trace,
+    slo_s: float,
+    seed: int,
+    requests: int,
+    fast_forward: bool = True,
 ) -> float:
     """Requests per second one replica serves with p99 time to first token within ``slo_s``,
     for the trace's request sizes (Poisson arrivals, bisection on the rate): what a load test
@@ -153,7 +159,7 @@ def replica_capacity(
     low, high = 0.0, 1.5 * replica_throughput(profile, trace, seed)
     for _ in range(9):
         middle = (low + high) / 2
-        if holds_target(profile, sizes, middle, 1, slo_s, seed, requests):
+        if holds_target(profile, sizes, middle, 1, slo_s, seed, requests, fast_forward):
             low = middle
         else:
             high = middle
@@ -161,14 +167,20 @@ def replica_capacity(
 
 
 def replicas_for_mean_load(
-    profile: GpuProfile, trace: Trace, slo_s: float, seed: int, requests: int, limit: int = 256
+    profile: GpuProfile,
+    trace: Trace,
+    slo_s: float,
+    seed: int,
+    requests: int,
+    fast_forward: bool = True,
+    limit: int = 256,
 ) -> int:
     """The fewest replicas that keep the TTFT target at the trace's mean rate, steady: reserved
     capacity "near the mean load" (bursts above the mean are what spilling is for)."""
     sizes = _sizes(trace, seed)
     rate = trace.mean_rate()
     for replicas in range(1, limit + 1):
-        if holds_target(profile, sizes, rate, replicas, slo_s, seed, requests):
+        if holds_target(profile, sizes, rate, replicas, slo_s, seed, requests, fast_forward):
             return replicas
     return limit
 
@@ -221,7 +233,7 @@ def prepare(
     slo, seed, probe = settings.ttft_slo_s, settings.seed, settings.probe_requests
     capacity: float | None = None
     if settings.on_demand.target_qps_per_replica is None:
-        capacity = replica_capacity(profile, trace, slo, seed, probe)
+        capacity = replica_capacity(profile, trace, slo, seed, probe, settings.fast_forward)
         if capacity <= 0:
             raise SimulationError(
                 f"one replica of {dep.model} on {dep.gpus}x {dep.sku} cannot keep the time to "
@@ -236,7 +248,7 @@ def prepare(
             f"{dep.gpus} GPUs on one machine"
         )
     if reserved.machines is None:
-        replicas = replicas_for_mean_load(profile, trace, slo, seed, probe)
+        replicas = replicas_for_mean_load(profile, trace, slo, seed, probe, settings.fast_forward)
         per = per_machine // dep.gpus
         machines = math.ceil(replicas / per)
         notes.append(
