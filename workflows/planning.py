@@ -81,7 +81,11 @@ def failover_offers(
     limit: int,
     skip_zone: SkipZone | None = None,
 ) -> list[OfferChoice]:
-    """``chosen`` first, then up to ``limit - 1`` more offers inside the lock, cheapest first."""
+    """``chosen`` first, then up to ``limit - 1`` more offers inside the lock, cheapest first.
+
+    Capacity runs out per cloud as often as per region, so the fallbacks hold the cheapest
+    offer of every other allowed cloud (while there is room) before more of the same cloud.
+    """
     lock = resolve_lock(policy, dep, catalog)
     try:
         ranked = catalog.offers(
@@ -89,10 +93,8 @@ def failover_offers(
         )
     except ProviderError:
         ranked = []
-    out = [_choice(chosen)]
+    usable: list[Offer] = []
     for offer in ranked:
-        if len(out) >= limit:
-            break
         if (offer.cloud, offer.instance_type, offer.region) == (
             chosen.cloud,
             chosen.instance_type,
@@ -108,8 +110,21 @@ def failover_offers(
             zones = tuple(z for z in zones if not skip_zone(offer.cloud, offer.instance_type, z))
             if not zones:
                 continue
-        out.append(_choice(replace(offer, zones=zones)))
-    return out
+        usable.append(replace(offer, zones=zones))
+    room = max(0, limit - 1)
+    picked: list[Offer] = []
+    seen_clouds = {chosen.cloud}
+    for offer in usable:  # the cheapest of each other cloud first
+        if len(picked) < room and offer.cloud not in seen_clouds:
+            seen_clouds.add(offer.cloud)
+            picked.append(offer)
+    for offer in usable:  # then the cheapest of the rest
+        if len(picked) >= room:
+            break
+        if offer not in picked:
+            picked.append(offer)
+    picked.sort(key=lambda o: o.usd_per_hour)
+    return [_choice(chosen), *(_choice(o) for o in picked)]
 
 
 def _choice(offer: Offer) -> OfferChoice:

@@ -178,3 +178,35 @@ def test_nothing_is_started_or_released_while_the_fleet_is_being_observed() -> N
         policy(), FleetSnapshot((), ()), CATALOG, PlanInput("chat"), 100.0, ids()
     )
     assert len(unobserved.starts) == 1  # the same plan, with the fleet known, starts one
+
+
+def test_failover_offers_reach_every_allowed_cloud_before_more_of_one() -> None:
+    """When one cloud runs out, a provision must not walk only that cloud's regions."""
+    from providers.catalog import OfferRequest
+    from workflows.planning import failover_offers
+
+    pol = policy(providers=["aws", "gcp", "azure"])
+    pol = pol.model_copy(
+        update={
+            "credentials": pol.credentials.model_copy(
+                update={"azure": pol.credentials.aws}  # a reference, not a secret
+            )
+        }
+    )
+    dep = pol.deployments["chat"]
+    ranked = [
+        o
+        for o in CATALOG.offers(OfferRequest("H100-80GB", 8))
+        if CATALOG.region(o.cloud, o.region).residency == "eu"
+    ]
+    clouds = {o.cloud for o in ranked}
+    assert len(clouds) == 3
+    # The cheapest three all on one cloud would leave the others out without the rule.
+    chosen = ranked[0]
+    offers = failover_offers(pol, dep, CATALOG, chosen, None, limit=3)
+    assert offers[0].instance_type == chosen.instance_type and offers[0].region == chosen.region
+    assert {o.cloud for o in offers} == clouds
+    assert [o.usd_per_hour for o in offers[1:]] == sorted(o.usd_per_hour for o in offers[1:])
+    # With room to spare, the rest are the next cheapest, whatever their cloud.
+    many = failover_offers(pol, dep, CATALOG, chosen, None, limit=8)
+    assert {o.cloud for o in many} == clouds and len(many) == min(8, len(ranked))

@@ -245,3 +245,24 @@ def test_capacity_errors_per_offer_override_the_cloud() -> None:
     assert any(e.kind == "capacity_error" and "g6e.xlarge" in e.text for e in c.events)
     rented = [m for m in c.machines.values() if m.rented]
     assert rented and all(m.instance_type != "g6e.xlarge" for m in rented)
+
+
+def test_a_cloud_out_of_capacity_everywhere_spills_to_the_others() -> None:
+    """The cloud with the cheapest offers refuses every launch; each provision's failover list
+    reaches the other cloud too, so the burst still spills."""
+    base = policy()
+    dep = base.deployments["chat"].model_copy(update={"sku": "A100-80GB"})
+    p = base.model_copy(update={"deployments": {"chat": dep}})
+    offers = default_catalog().offers(OfferRequest("A100-80GB", 1))
+    out = offers[0].cloud
+    others = {o.cloud for o in offers} - {out}
+    assert others  # sold on more than one cloud, else nothing to fail over to
+    refuse = {out: {"boot_s": 60, "capacity_error_probability": 1.0}}
+    sim = simulate(p, bursty_trace(busy=9.0), settings(clouds=refuse), scenarios=("policy",))
+    c = sim.results["policy"].cluster
+    assert any(e.kind == "capacity_error" and e.text.startswith(out) for e in c.events)
+    rented = [m for m in c.machines.values() if m.rented]
+    assert rented and {m.provider for m in rented} <= others
+    # The very first provisions get there: none walked only the refusing cloud and failed.
+    first_launch = min(e.at for e in c.events if e.kind == "launch")
+    assert not [e for e in c.events if e.kind == "provision_failed" and e.at < first_launch]
