@@ -31,9 +31,15 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def pick_port(host: str, first: int, last: int, taken: Collection[int] = ()) -> int:
-    """The lowest port in ``first..last`` that is neither in ``taken`` nor bound by anyone."""
-    for port in range(first, last + 1):
+def pick_port(
+    host: str, first: int, last: int, taken: Collection[int] = (), start: int | None = None
+) -> int:
+    """A port in ``first..last`` that is neither in ``taken`` nor bound by anyone: the lowest,
+    or with ``start`` the first from there on, wrapping around."""
+    span = last - first + 1
+    offset = 0 if start is None else (start - first) % span
+    for step in range(span):
+        port = first + (offset + step) % span
         if port not in taken and port_is_free(host, port):
             return port
     raise NoFreePort(f"no free port in {first}-{last} on {host}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -566,19 +567,24 @@ class Supervisor:
         self._save()
         log.warning("replica %s: %s", r.spec.replica_id, r.reason)
         await asyncio.sleep(delay)
-        self._repick_port(r)
+        self._repick_port(r, in_use="address already in use" in crash.lower())
         return True
 
-    def _repick_port(self, r: _Replica) -> None:
+    def _repick_port(self, r: _Replica, in_use: bool = False) -> None:
         """A port this agent picked may have been taken meanwhile (another agent on the host
-        raced for it): pick again rather than crash on it forever. Asked-for ports stay."""
+        raced for it): pick again rather than crash on it forever. Asked-for ports stay.
+
+        After a crash on a port in use, the port is left whatever it looks like now (the other
+        server may be between restarts), and the search starts at a place of this replica's
+        own, so that two agents that raced for one port do not race again for the next."""
         host = self.settings.host
-        if r.spec.port or port_is_free(host, r.port):
+        if r.spec.port or (not in_use and port_is_free(host, r.port)):
             return
         promised = {x.port for x in self._replicas.values() if x.live and x is not r}
         first, last = self.settings.port_range
+        spread = int.from_bytes(hashlib.sha256(r.spec.replica_id.encode()).digest()[:4], "big")
         try:
-            port = pick_port(host, first, last, promised)
+            port = pick_port(host, first, last, promised | {r.port}, start=first + spread)
         except NoFreePort:
             return
         log.warning("replica %s: port %d is taken; moving to %d", r.spec.replica_id, r.port, port)

@@ -374,3 +374,24 @@ async def test_a_picked_port_taken_by_someone_else_moves_the_replica(
         async with httpx.AsyncClient() as http:
             info = (await http.get(f"http://127.0.0.1:{moved.port}/server_info")).json()
         assert info["port"] == moved.port
+
+
+async def test_after_a_crash_on_a_port_in_use_the_replica_moves_even_if_it_looks_free(
+    supervisors: Supervisors, model: Path
+) -> None:
+    """The server that took the port may be between its own restarts when this one restarts:
+    the port looks free, yet the two would race for it again. A crash that says "address
+    already in use" moves the replica, and the search starts at a replica-specific place."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        first = probe.getsockname()[1]
+    supervisor = supervisors.new(port_range=(first, first + 50))
+    assert supervisor.start(spec(model)).port == first
+    replica = supervisor._replicas["r1"]
+    supervisor._repick_port(replica)  # no crash and the port is free: it stays
+    assert replica.port == first
+    supervisor._repick_port(replica, in_use=True)
+    assert replica.port != first
+    moved = replica.port
+    supervisor._repick_port(replica, in_use=True)
+    assert replica.port not in (first, moved)
