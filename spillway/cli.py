@@ -232,11 +232,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         console.print(f"no scenario kept {share} of requests within the TTFT target")
     else:
         line = f"cheapest scenario keeping {share} of requests within the TTFT target: {cheapest}"
-        if c["saving_vs_next"] is not None:
-            line += (
-                f", {c['saving_vs_next'] * 100:.1f}% less than the next, "
-                f"{c['next_cheapest_holding_slo']}"
-            )
+        saving, runner_up = c["saving_vs_next"], c["next_cheapest_holding_slo"]
+        if saving is not None and saving < 0.0005:
+            line += f" ({runner_up} costs the same)"
+        elif saving is not None:
+            line += f", {saving * 100:.1f}% less than the next, {runner_up}"
         console.print(line)
     console.print(f"simulated in {sim.wall_s:.1f}s; wrote {', '.join(str(f) for f in files)}")
     return 0
