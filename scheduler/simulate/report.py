@@ -12,7 +12,8 @@ from typing import Any
 from rich.table import Table
 
 from scheduler.simulate.cluster import REJECTED, RESERVED, SPILLED
-from scheduler.simulate.scenarios import ScenarioResult, percentile
+from scheduler.simulate.probes import percentile
+from scheduler.simulate.scenarios import ScenarioResult
 
 BUCKET_S = 60.0
 OUTCOMES = {RESERVED: "reserved", SPILLED: "rented", REJECTED: "rejected"}

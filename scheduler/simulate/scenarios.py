@@ -13,19 +13,11 @@ launch to termination, as their cloud bills.
 from __future__ import annotations
 
 import math
-import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.runtimes.simulated_model import (
-    BatchingModel,
-    GpuProfile,
-    Progress,
-    RequestRejected,
-    profile_for_gpu,
-)
+from agent.runtimes.simulated_model import GpuProfile, profile_for_gpu
 from providers.catalog import Catalog, OfferRequest, default_catalog
 from providers.errors import ProviderError
 from scheduler.policy import Deployment, Lock, Policy, resolve_lock
@@ -36,6 +28,12 @@ from scheduler.simulate.controllers import (
     SpillwayController,
     allowed_offers,
     residency_lookup,
+)
+from scheduler.simulate.probes import (
+    percentile,
+    replica_capacity,
+    replica_throughput,
+    replicas_for_mean_load,
 )
 from scheduler.simulate.settings import SimSettings
 from scheduler.simulate.trace import Trace
@@ -77,112 +75,6 @@ class Setup:
     @property
     def reserved_gpus(self) -> int:
         return self.reserved_machines * self.gpus_per_machine
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The ``q`` (0..100) percentile of sorted values, nearest rank; NaN when empty."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-def _sizes(trace: Trace, seed: int, limit: int = 20_000) -> list[tuple[int, int]]:
-    """Request sizes spread evenly over the whole trace (a looped trace gives the same ones),
-    in a seeded random order."""
-    step = max(1, len(trace) // limit)
-    sizes = [(trace.input_tokens[i], trace.output_tokens[i]) for i in range(0, len(trace), step)]
-    random.Random(seed).shuffle(sizes)
-    return sizes
-
-
-def holds_target(
-    profile: GpuProfile,
-    sizes: Sequence[tuple[int, int]],
-    rate: float,
-    replicas: int,
-    slo_s: float,
-    seed: int,
-    requests: int,
-    fast_forward: bool = True,
-) -> bool:
-    """Do ``replicas`` replicas, sent the shortest queue's way, keep p99 time to first token
-    within ``slo_s`` under ``requests`` Poisson arrivals at ``rate`` with these sizes?"""
-    probe = random.Random(seed + 1)
-    models = [BatchingModel(profile, fast_forward=fast_forward) for _ in range(replicas)]
-    ttfts: list[float] = []
-
-    def collect(updates: list[Progress]) -> None:
-        for p in updates:
-            if p.finished and p.first_token_at is not None:
-                ttfts.append(p.first_token_at - p.arrived_at)
-
-    now = 0.0
-    for index in range(requests):
-        now += probe.expovariate(rate)
-        for model in models:
-            collect(model.advance(now))
-        prompt, new = sizes[index % len(sizes)]
-        target = min(models, key=lambda m: m.in_flight)
-        try:
-            target.submit(str(index), prompt, new, now)
-        except RequestRejected:
-            continue
-    for model in models:
-        collect(model.advance(math.inf))
-    ttfts.sort()
-    return bool(ttfts) and percentile(ttfts, 99) <= slo_s
-
-
-def replica_throughput(profile: GpuProfile, trace: Trace, seed: int) -> float:
-    """Requests per second one replica finishes flat out, with the trace's request sizes: each
-    request costs its prefill and its share of every decode step of a full batch."""
-    sizes = _sizes(trace, seed)
-    mean_in = sum(s[0] for s in sizes) / len(sizes)
-    mean_out = sum(s[1] for s in sizes) / len(sizes)
-    busy = mean_in / profile.prefill_tokens_per_s + mean_out * profile.decode_step_per_request_s
-    return 1 / busy
-
-
-def replica_capacity(
-    profile: GpuProfile,
-    trace: Trace,
-    slo_s: float,
-    seed: int,
-    requests: int,
-    fast_forward: bool = True,
-) -> float:
-    """Requests per second one replica serves with p99 time to first token within ``slo_s``,
-    for the trace's request sizes (Poisson arrivals, bisection on the rate): what a load test
-    of one replica shows."""
-    sizes = _sizes(trace, seed)
-    low, high = 0.0, 1.5 * replica_throughput(profile, trace, seed)
-    for _ in range(9):
-        middle = (low + high) / 2
-        if holds_target(profile, sizes, middle, 1, slo_s, seed, requests, fast_forward):
-            low = middle
-        else:
-            high = middle
-    return low
-
-
-def replicas_for_mean_load(
-    profile: GpuProfile,
-    trace: Trace,
-    slo_s: float,
-    seed: int,
-    requests: int,
-    fast_forward: bool = True,
-    limit: int = 256,
-) -> int:
-    """The fewest replicas that keep the TTFT target at the trace's mean rate, steady: reserved
-    capacity "near the mean load" (bursts above the mean are what spilling is for)."""
-    sizes = _sizes(trace, seed)
-    rate = trace.mean_rate()
-    for replicas in range(1, limit + 1):
-        if holds_target(profile, sizes, rate, replicas, slo_s, seed, requests, fast_forward):
-            return replicas
-    return limit
 
 
 def _price_per_gpu_hour(policy: Policy, dep: Deployment, catalog: Catalog) -> float:
