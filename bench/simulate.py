@@ -7,10 +7,9 @@ run, the one-hour case is played again with the replica model stepping every dec
 (``fast_forward: false``) as the peer: the straightforward discrete-event simulation, which
 must give the same numbers, only slower.
 
-The on-demand baseline scales like SkyServe with a target of requests per second per replica;
-by default, what one replica holds within the TTFT target. Operators tune that number, so the
-benchmark also gives the baseline its best chance: it tries targets on the one-hour trace, keeps
-the cheapest that holds 99% of requests within the TTFT target, and plays the 24 hours with it.
+The on-demand baseline scales like SkyServe with a target of requests per second per replica,
+which ``spillway simulate`` tunes to the cheapest setting that keeps 99% of requests within the
+TTFT target over the trace's first hour: the baseline at its best.
 
 The policy: one Llama-3.1-8B-class deployment on single L40S replicas, locked to the ``us``
 residency group, spilling to AWS, GCP and Azure; reserved GPUs sized to the trace's mean load.
@@ -118,51 +117,9 @@ def run_case(
         "scenarios": data["scenarios"],
         "comparison": data["comparison"],
         "reserved": data["reserved"],
+        "on_demand_target_qps_per_replica": data["on_demand_target_qps_per_replica"],
         "notes": data["notes"],
     }
-
-
-def tuned_on_demand(trace_path: Path, hours: int, seed: int = 0) -> dict[str, Any]:
-    """The on-demand baseline with the cheapest target that holds 99% on the hour, then 24 h."""
-    from scheduler.policy import Policy
-    from scheduler.simulate import SimSettings, load_trace
-    from scheduler.simulate.scenarios import prepare, run_scenario, summarize
-
-    policy = Policy.model_validate(POLICY)
-    hour = load_trace(trace_path)
-    tried = []
-    best: tuple[float, dict[str, Any]] | None = None
-    for tenths in range(6, 31, 2):
-        target = tenths / 10
-        settings = SimSettings.model_validate(
-            {
-                "seed": seed,
-                "on_demand": {"target_qps_per_replica": target},
-                "reserved": {"machines": 0},
-            }
-        )
-        setup = prepare(policy, hour, settings)
-        summary = summarize(run_scenario("on-demand", setup, hour, settings), setup, settings)
-        tried.append(
-            {
-                "target_qps_per_replica": target,
-                "slo_attainment": summary["slo_attainment"],
-                "cost": summary["cost_usd"]["total"],
-            }
-        )
-        holds = summary["slo_attainment"] >= 0.99
-        if holds and (best is None or summary["cost_usd"]["total"] < best[1]["cost_usd"]["total"]):
-            best = (target, summary)
-    if best is None:
-        return {"tried": tried, "best_target": None}
-    target = best[0]
-    day = hour.stretched(1.0, hours)
-    settings = SimSettings.model_validate(
-        {"seed": seed, "on_demand": {"target_qps_per_replica": target}, "reserved": {"machines": 0}}
-    )
-    setup = prepare(policy, day, settings)
-    long = summarize(run_scenario("on-demand", setup, day, settings), setup, settings)
-    return {"tried": tried, "best_target": target, "1h": best[1], f"{hours}h": long}
 
 
 def main() -> None:
@@ -206,14 +163,11 @@ def main() -> None:
         f"fast-forward vs step-by-step (1 h): {slow['wall_s'] / fast['wall_s']:.2f}x faster, "
         f"results {'identical' if same else 'DIFFERENT'}"
     )
-    tuned = tuned_on_demand(args.trace, args.hours)
     for case in (cases[0], cases[2]):
         result = Table(title=f"{case['case']}: {case['reserved']['machines']} reserved L40S")
         for column in ("scenario", "TTFT p99 s", "within target", "total $", "x policy"):
             result.add_column(column, justify="left" if column == "scenario" else "right")
         rows = dict(case["scenarios"])
-        if tuned.get(case["case"]) is not None:
-            rows[f"on-demand, best target ({tuned['best_target']:g}/s)"] = tuned[case["case"]]
         policy_cost = case["scenarios"]["policy"]["cost_usd"]["total"]
         holding = []
         for name, s in rows.items():
@@ -245,7 +199,6 @@ def main() -> None:
                 "machine": {"python": platform.python_version(), "cpus": _cpus()},
                 "fast_forward_identical": same,
                 "cases": cases,
-                "on_demand_best_target": tuned,
             },
             indent=2,
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from scheduler.simulate.scenarios import (
     prepare,
     run_scenario,
     summarize,
+    tune_on_demand,
 )
 from scheduler.simulate.settings import SimSettings
 from scheduler.simulate.trace import Trace
@@ -139,6 +140,10 @@ def simulate(
     settings = settings or SimSettings()
     started = time.perf_counter()
     setup = prepare(policy, trace, settings, deployment, catalog)
+    od = settings.on_demand
+    if "on-demand" in scenarios and od.target_qps_per_replica is None and od.tune:
+        target, note = tune_on_demand(setup, trace, settings)
+        setup = replace(setup, target_qps_per_replica=target, notes=(*setup.notes, note))
     results = {name: run_scenario(name, setup, trace, settings) for name in scenarios}
     summaries = {name: summarize(r, setup, settings) for name, r in results.items()}
     return Simulation(

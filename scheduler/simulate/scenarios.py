@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.runtimes.simulated_model import GpuProfile, profile_for_gpu
@@ -447,3 +447,42 @@ def summarize(result: ScenarioResult, setup: Setup, settings: SimSettings) -> di
         "decisions": result.plans or len(c.ticks),
         "wall_s": result.wall_s,
     }
+
+
+#: Share of requests within the TTFT target the tuned on-demand baseline must keep.
+TUNE_SLO_SHARE = 0.99
+TUNE_WINDOW_S = 3600.0
+TUNE_STEPS = 6
+
+
+def tune_on_demand(setup: Setup, trace: Trace, settings: SimSettings) -> tuple[float, str]:
+    """The largest target requests/s per replica with which the on-demand baseline keeps
+    :data:`TUNE_SLO_SHARE` within the TTFT target on the trace's first hour (bisection; a
+    higher target rents fewer replicas, so it is the cheapest such setting), and a note."""
+    start = setup.replica_capacity_rps or setup.target_qps_per_replica
+    sample = trace.head(TUNE_WINDOW_S)
+
+    def holds(target: float) -> bool:
+        trial = replace(setup, target_qps_per_replica=target)
+        result = run_scenario("on-demand", trial, sample, settings)
+        return bool(summarize(result, trial, settings)["slo_attainment"] >= TUNE_SLO_SHARE)
+
+    low, high = 0.25 * start, 2.0 * start
+    if holds(high):
+        return high, f"on-demand target {high:.2f} requests/s per replica (the highest tried)"
+    if not holds(low):
+        return low, (
+            f"on-demand target {low:.2f} requests/s per replica: even this misses "
+            f"{TUNE_SLO_SHARE:.0%} within the TTFT target on the first hour"
+        )
+    for _ in range(TUNE_STEPS):
+        middle = (low + high) / 2
+        if holds(middle):
+            low = middle
+        else:
+            high = middle
+    hours = sample.duration_s / 3600
+    return low, (
+        f"on-demand target tuned to {low:.2f} requests/s per replica: the highest that keeps "
+        f"{TUNE_SLO_SHARE:.0%} within the TTFT target over the first {hours:.1f} h"
+    )

@@ -117,8 +117,13 @@ class OnDemandBaseline(Strict):
     target_qps_per_replica: float | None = Field(
         default=None,
         gt=0,
-        description="Requests per second per replica (unset: the rate one replica holds "
-        "within the TTFT target, measured on the trace's request sizes).",
+        description="Requests per second per replica (unset: tuned, see ``tune``).",
+    )
+    tune: bool = Field(
+        default=True,
+        description="With no target given: the largest target that keeps 99% of requests "
+        "within the TTFT target over the trace's first hour (the cheapest on-demand service an "
+        "operator could tune); off: the rate one replica holds in a load test.",
     )
     upscale_delay_s: float = Field(default=300, ge=0)
     downscale_delay_s: float = Field(default=1200, ge=0)

@@ -13,6 +13,7 @@ here reads anything but the trace file.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import math
 from array import array
@@ -86,6 +87,17 @@ class Trace:
             self.input_tokens * loops,
             self.output_tokens * loops,
             period * loops,
+            self.source,
+        )
+
+    def head(self, seconds: float) -> Trace:
+        """The requests of the first ``seconds``."""
+        count = bisect.bisect_left(self.arrivals, seconds)
+        return Trace(
+            self.arrivals[:count],
+            self.input_tokens[:count],
+            self.output_tokens[:count],
+            min(self.duration_s, seconds),
             self.source,
         )
 

@@ -65,7 +65,7 @@ def settings(**fields: Any) -> SimSettings:
         "seed": 3,
         "probe_requests": 3000,
         "reserved": {"machines": 2},
-        "on_demand": {"upscale_delay_s": 60, "downscale_delay_s": 300},
+        "on_demand": {"upscale_delay_s": 60, "downscale_delay_s": 300, "tune": False},
     }
     base.update(fields)
     return SimSettings.model_validate(base)

@@ -266,3 +266,19 @@ def test_a_cloud_out_of_capacity_everywhere_spills_to_the_others() -> None:
     # The very first provisions get there: none walked only the refusing cloud and failed.
     first_launch = min(e.at for e in c.events if e.kind == "launch")
     assert not [e for e in c.events if e.kind == "provision_failed" and e.at < first_launch]
+
+
+def test_the_on_demand_baseline_is_tuned_to_its_cheapest_target_that_holds() -> None:
+    trace = bursty_trace(minutes=30, busy=4.0)
+    tuned = simulate(policy(), trace, settings(on_demand={"tune": True}), scenarios=("on-demand",))
+    target = tuned.setup.target_qps_per_replica
+    assert any("on-demand target tuned to" in n for n in tuned.setup.notes)
+    assert tuned.summaries["on-demand"]["slo_attainment"] >= 0.99
+    # A tenth more per replica rents fewer machines and no longer holds.
+    over = settings(on_demand={"tune": False, "target_qps_per_replica": target * 1.1})
+    pushed = simulate(policy(), trace, over, scenarios=("on-demand",))
+    assert pushed.summaries["on-demand"]["slo_attainment"] < 0.99
+    assert (
+        pushed.summaries["on-demand"]["cost_usd"]["total"]
+        <= (tuned.summaries["on-demand"]["cost_usd"]["total"])
+    )
