@@ -3,8 +3,8 @@
 Each probe plays Poisson arrivals with the trace's request sizes through
 :class:`~agent.runtimes.simulated_model.BatchingModel` replicas (shortest queue first) and asks
 whether the 99th percentile of time to first token stays within the target. The simulator uses
-them to size reserved GPUs "near the mean load" and to set the on-demand baseline's target
-requests per second per replica, as an operator would after a load test.
+them to size reserved GPUs "near the mean load", and to start the search for the on-demand
+baseline's target requests per second per replica from what a load test of one replica shows.
 """
 
 from __future__ import annotations
