@@ -160,6 +160,8 @@ def allowed_offers(
     """Offers for the deployment's SKU from its providers inside its lock, cheapest first."""
     lock = resolve_lock(policy, dep, catalog)
     clouds = frozenset(spill_providers(policy, dep))
+    if not clouds:  # no provider allowed and no credentials: nothing can be rented
+        return []
     try:
         offers = catalog.offers(OfferRequest(dep.sku, dep.gpus, clouds=clouds), skip_zone=skip_zone)
     except ProviderError:

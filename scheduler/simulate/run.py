@@ -10,6 +10,7 @@ from typing import Any
 from providers.catalog import Catalog
 from scheduler.policy import Policy
 from scheduler.simulate import report
+from scheduler.simulate.controllers import allowed_offers
 from scheduler.simulate.scenarios import (
     SCENARIOS,
     ScenarioResult,
@@ -140,6 +141,13 @@ def simulate(
     settings = settings or SimSettings()
     started = time.perf_counter()
     setup = prepare(policy, trace, settings, deployment, catalog)
+    if "on-demand" in scenarios and not allowed_offers(setup.policy, setup.dep, setup.catalog):
+        scenarios = tuple(name for name in scenarios if name != "on-demand")
+        note = (
+            f"no on-demand baseline: no allowed cloud sells {setup.dep.gpus}x {setup.dep.sku} "
+            f"inside the lock of {setup.deployment} (spillover providers or credentials)"
+        )
+        setup = replace(setup, notes=(*setup.notes, note))
     od = settings.on_demand
     if "on-demand" in scenarios and od.target_qps_per_replica is None and od.tune:
         target, note = tune_on_demand(setup, trace, settings)

@@ -13,6 +13,7 @@ import scheduler.simulate.controllers as controllers
 import workflows.planning as planning
 from agent.runtimes.simulated_model import PROFILES
 from providers.catalog import OfferRequest, default_catalog
+from scheduler.policy import Credentials
 from scheduler.simulate import SimSettings, Trace, simulate
 from scheduler.simulate.cluster import OWNED, Cluster, Machine
 from scheduler.simulate.scenarios import billed_seconds, rented_cost, spill_episodes
@@ -282,3 +283,13 @@ def test_the_on_demand_baseline_is_tuned_to_its_cheapest_target_that_holds() -> 
         pushed.summaries["on-demand"]["cost_usd"]["total"]
         <= (tuned.summaries["on-demand"]["cost_usd"]["total"])
     )
+
+
+def test_without_a_cloud_to_rent_from_the_on_demand_baseline_is_left_out() -> None:
+    """A deployment kept on owned GPUs: no credentials, no offers, yet the simulation runs."""
+    owned = policy(enabled=False, providers=[]).model_copy(update={"credentials": Credentials()})
+    sim = simulate(
+        owned, bursty_trace(minutes=5), settings(reserved={"machines": 1, "usd_per_gpu_hour": 2})
+    )
+    assert list(sim.summaries) == ["reserved-only", "policy"]
+    assert any("no on-demand baseline" in n for n in sim.setup.notes)
