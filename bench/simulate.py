@@ -35,6 +35,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from scheduler.simulate.report import verdict
+
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
 
@@ -167,31 +169,17 @@ def main() -> None:
         result = Table(title=f"{case['case']}: {case['reserved']['machines']} reserved L40S")
         for column in ("scenario", "TTFT p99 s", "within target", "total $", "x policy"):
             result.add_column(column, justify="left" if column == "scenario" else "right")
-        rows = dict(case["scenarios"])
-        policy_cost = case["scenarios"]["policy"]["cost_usd"]["total"]
-        holding = []
-        for name, s in rows.items():
-            cost = s["cost_usd"]["total"]
-            if s["slo_attainment"] >= 0.99:
-                holding.append((cost, name))
+        ratios = case["comparison"]["cost_vs_policy"]
+        for name, s in case["scenarios"].items():
             result.add_row(
                 name,
                 f"{s['ttft_s']['p99']:.2f}",
                 f"{s['slo_attainment'] * 100:.2f}%",
-                f"{cost:,.2f}",
-                f"{cost / policy_cost:.2f}",
+                f"{s['cost_usd']['total']:,.2f}",
+                f"{ratios[name]:.2f}",
             )
         console.print(result)
-        holding.sort()
-        case["holding_99"] = [name for _, name in holding]
-        if holding:
-            line = f"cheapest holding 99%: {holding[0][1]}"
-            if len(holding) > 1:
-                line += (
-                    f", {(1 - holding[0][0] / holding[1][0]) * 100:.1f}% less than the next, "
-                    f"{holding[1][1]}"
-                )
-            console.print(line)
+        console.print(verdict(case["comparison"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

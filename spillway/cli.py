@@ -201,7 +201,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     from scheduler.policy import load_policy
     from scheduler.simulate import load_settings, load_trace, simulate
-    from scheduler.simulate.report import table
+    from scheduler.simulate.report import table, verdict
 
     policy = load_policy(args.policy)
     settings = load_settings(args.settings)
@@ -225,19 +225,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     for note in sim.setup.notes:
         console.print(f"note: {note}")
     console.print(table(sim.summaries, sim.title()))
-    c = sim.comparison
-    cheapest = c["cheapest_holding_slo"]
-    share = f"{c['slo_share'] * 100:g}%"
-    if cheapest is None:
-        console.print(f"no scenario kept {share} of requests within the TTFT target")
-    else:
-        line = f"cheapest scenario keeping {share} of requests within the TTFT target: {cheapest}"
-        saving, runner_up = c["saving_vs_next"], c["next_cheapest_holding_slo"]
-        if saving is not None and saving < 0.0005:
-            line += f" ({runner_up} costs the same)"
-        elif saving is not None:
-            line += f", {saving * 100:.1f}% less than the next, {runner_up}"
-        console.print(line)
+    console.print(verdict(sim.comparison))
     console.print(f"simulated in {sim.wall_s:.1f}s; wrote {', '.join(str(f) for f in files)}")
     return 0
 

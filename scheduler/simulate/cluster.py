@@ -35,6 +35,8 @@ from scheduler.snapshot import AgentView, FleetSnapshot, ReplicaView
 
 #: The provider label of machines the operator owns (not rented from a cloud).
 OWNED = "owned"
+#: The pool label of rented machines (never one of a deployment's reserved pools).
+RENTED_POOL = "spillover"
 #: ``Outcome`` codes per request.
 RESERVED, SPILLED, REJECTED = 0, 1, 2
 
@@ -77,10 +79,7 @@ class Replica:
     gpu_indices: tuple[int, ...]
     model: BatchingModel
     state: ReplicaState
-    started_at: float
-    healthy_at: float | None = None
     drain_started_at: float | None = None
-    stopped_at: float | None = None
     last_finish_at: float = 0.0
     served: int = 0
 
@@ -129,11 +128,17 @@ class Cluster:
         settings: SimSettings,
         *,
         replica_gpus: int = 1,
+        weights_bytes: float = 0.0,
+        residency_of: Callable[[str, str], str] = lambda cloud, region: "",
         seed_offset: int = 0,
     ) -> None:
         self.deployment = deployment
         #: GPUs of one replica, and of each machine rented for one.
         self.replica_gpus = replica_gpus
+        #: Bytes of weights a new machine downloads before its replica starts.
+        self.weights_bytes = weights_bytes
+        #: (cloud, region) -> its residency group.
+        self.residency_of = residency_of
         self.trace = trace
         self.profile = profile
         self.settings = settings
@@ -151,10 +156,7 @@ class Cluster:
         self.ttft = array("d", bytes(8 * n))
         self.e2e = array("d", bytes(8 * n))
         self.outcome = array("b", [-1]) * n
-        self.served_by = array("l", [-1]) * n
         self.rejections: dict[str, int] = {}
-        self._replica_index: dict[str, int] = {}
-        self._replica_list: list[Replica] = []
         self._active: list[Replica] = []  # starting, healthy or draining: advanced as time goes
         self._serving: list[Replica] = []  # healthy: takes new requests
         self._backlog: deque[int] = deque()
@@ -195,18 +197,14 @@ class Cluster:
             tuple(gpu_indices),
             BatchingModel(self.profile, self.now, fast_forward=self.settings.fast_forward),
             ReplicaState.STARTING,
-            started_at=self.now,
         )
         self.replicas[replica_id] = replica
-        self._replica_index[replica_id] = len(self._replica_list)
-        self._replica_list.append(replica)
         self._active.append(replica)
 
         def ready() -> None:
             if replica.state is not ReplicaState.STARTING:
                 return
             replica.state = ReplicaState.HEALTHY
-            replica.healthy_at = self.now
             replica.model.advance(self.now)
             self._serving.append(replica)
             self._event("healthy", replica_id, f"serving on {_where(machine)}")
@@ -222,6 +220,24 @@ class Cluster:
 
     # -- actions a controller takes ------------------------------------------------------------
 
+    def rent(self, replica_id: str, option: LaunchOption, registered_at: float) -> Machine:
+        """A machine rented from ``option`` for ``replica_id``, billed from now; its agent
+        registers at ``registered_at``."""
+        return self.add_machine(
+            Machine(
+                machine_id=f"{option.cloud}-{replica_id}",
+                provider=option.cloud,
+                region=option.region,
+                residency_label=self.residency_of(option.cloud, option.region),
+                pool=RENTED_POOL,
+                gpus=self.replica_gpus,
+                usd_per_hour=option.usd_per_hour,
+                instance_type=option.instance_type,
+                launched_at=self.now,
+                registered_at=registered_at,
+            )
+        )
+
     def start_on_reserved(
         self, replica_id: str, agent_id: str, gpu_indices: Sequence[int], on_done: Controller
     ) -> None:
@@ -235,13 +251,7 @@ class Cluster:
         )
 
     def provision(
-        self,
-        replica_id: str,
-        options: Sequence[LaunchOption],
-        pool: str,
-        residency_of: Callable[[str, str], str],
-        controller: Controller,
-        weights_bytes: float,
+        self, replica_id: str, options: Sequence[LaunchOption], controller: Controller
     ) -> None:
         """Rent a machine for ``replica_id``: walk ``options`` and their zones until one launch
         is accepted, then boot, prefetch and start; tell ``controller`` how it ended."""
@@ -274,27 +284,14 @@ class Cluster:
             launched = self.now + s.launch_call_s
 
             def launch() -> None:
-                machine = self.add_machine(
-                    Machine(
-                        machine_id=f"{option.cloud}-{replica_id}",
-                        provider=option.cloud,
-                        region=option.region,
-                        residency_label=residency_of(option.cloud, option.region),
-                        pool=pool,
-                        gpus=self.replica_gpus,
-                        usd_per_hour=option.usd_per_hour,
-                        instance_type=option.instance_type,
-                        launched_at=self.now,
-                        registered_at=self.now + cloud.boot_s,
-                    )
-                )
+                machine = self.rent(replica_id, option, self.now + cloud.boot_s)
                 self._event(
                     "launch",
                     replica_id,
                     f"{option.cloud} {option.instance_type} in {zone or option.region} "
                     f"at ${option.usd_per_hour:.2f}/h",
                 )
-                start = machine.registered_at + weights_bytes / (s.prefetch_mb_per_s * 1e6)
+                start = machine.registered_at + self.weights_bytes / (s.prefetch_mb_per_s * 1e6)
 
                 def begin() -> None:
                     self.place_replica(
@@ -372,9 +369,6 @@ class Cluster:
             )
         return FleetSnapshot(agents, tuple(replicas))
 
-    def serving(self) -> list[Replica]:
-        return list(self._serving)
-
     def rented_machines_now(self) -> int:
         return sum(
             1
@@ -434,7 +428,7 @@ class Cluster:
             self._arrive(index)
             index += 1
         self.now = max(self.now, self.horizon)
-        for replica in self._replica_list:
+        for replica in self.replicas.values():
             self._collect(replica, replica.model.advance(math.inf))
         self._finish_drains(final=True)
         for request in self._backlog:
@@ -470,7 +464,6 @@ class Cluster:
         except RequestRejected as exc:
             self._reject(request, _why(str(exc)))
             return
-        self.served_by[request] = self._replica_index[best.replica_id]
         self.outcome[request] = SPILLED if best.spilled else RESERVED
         best.served += 1
 
@@ -509,7 +502,6 @@ class Cluster:
             assert replica.drain_started_at is not None
             stopped = max(replica.drain_started_at, replica.last_finish_at)
             replica.state = ReplicaState.STOPPED
-            replica.stopped_at = stopped
             self._active.remove(replica)
             machine = replica.machine
             machine.free_gpus = sorted({*machine.free_gpus, *replica.gpu_indices})

@@ -26,20 +26,8 @@ from scheduler.simulate.settings import SimSettings
 from workflows.planning import failover_offers, plan_step
 from workflows.types import OfferChoice, PendingReplica, PlanInput, SamplePoint, trim_samples
 
-#: The pool label of rented machines (never one of a deployment's reserved pools).
-RENTED_POOL = "spillover"
 
-
-def residency_lookup(catalog: Catalog) -> Callable[[str, str], str]:
-    def residency(cloud: str, region: str) -> str:
-        found = catalog.clouds.get(cloud)
-        info = found.regions.get(region) if found else None
-        return info.residency if info else ""
-
-    return residency
-
-
-def _option(choice: OfferChoice | Offer) -> LaunchOption:
+def launch_option(choice: OfferChoice | Offer) -> LaunchOption:
     return LaunchOption(
         choice.cloud,
         choice.instance_type,
@@ -58,13 +46,11 @@ class SpillwayController:
         deployment: str,
         catalog: Catalog,
         settings: SimSettings,
-        weights_bytes: float,
     ) -> None:
         self.policy = policy
         self.deployment = deployment
         self.catalog = catalog
         self.settings = settings
-        self.weights_bytes = weights_bytes
         self.interval_s = settings.decide_every_s
         self.samples: list[SamplePoint] = []
         self.last_change_at: float | None = None
@@ -74,7 +60,6 @@ class SpillwayController:
         self.lock_errors: list[str] = []
         self.plans = 0
         self._cluster: Cluster | None = None
-        self._residency = residency_lookup(catalog)
 
     def tick(self, cluster: Cluster, now: float) -> None:
         self._cluster = cluster
@@ -126,14 +111,7 @@ class SpillwayController:
             if start.where == "reserved":
                 cluster.start_on_reserved(start.replica_id, start.agent_id, start.gpu_indices, self)
             else:
-                cluster.provision(
-                    start.replica_id,
-                    [_option(o) for o in start.offers],
-                    RENTED_POOL,
-                    self._residency,
-                    self,
-                    self.weights_bytes,
-                )
+                cluster.provision(start.replica_id, [launch_option(o) for o in start.offers], self)
             changed = True
         if changed:
             self.last_change_at = now
@@ -178,16 +156,12 @@ class OnDemandController:
         deployment: str,
         catalog: Catalog,
         settings: SimSettings,
-        weights_bytes: float,
         target_qps_per_replica: float,
-        initial: list[str],
     ) -> None:
         self.policy = policy
-        self.deployment = deployment
         self.dep = policy.deployments[deployment]
         self.catalog = catalog
         self.settings = settings
-        self.weights_bytes = weights_bytes
         self.target_qps = target_qps_per_replica
         baseline = settings.on_demand
         self.interval_s = baseline.decision_interval_s
@@ -195,11 +169,10 @@ class OnDemandController:
         self.down_after = max(1, int(baseline.downscale_delay_s / self.interval_s))
         self.window_s = baseline.qps_window_s
         #: Replicas launched or serving, oldest first.
-        self.launched: list[str] = list(initial)
+        self.launched: list[str] = []
         self.up = 0
         self.down = 0
         self.deficit = 0
-        self._residency = residency_lookup(catalog)
 
     def target(self, qps: float) -> int:
         wanted = math.ceil(qps / self.target_qps - 1e-9)
@@ -229,30 +202,24 @@ class OnDemandController:
             self.up = self.down = 0
 
     def _launch(self, cluster: Cluster, count: int) -> None:
+        offers = allowed_offers(self.policy, self.dep, self.catalog, cluster.blocked)
+        if not offers:
+            self.deficit += count
+            return
+        choices = failover_offers(
+            self.policy,
+            self.dep,
+            self.catalog,
+            offers[0],
+            None,
+            self.settings.launch_offers,
+            cluster.blocked,
+        )
+        options = [launch_option(c) for c in choices]
         for _ in range(count):
-            offers = allowed_offers(self.policy, self.dep, self.catalog, cluster.blocked)
             replica_id = cluster.new_id("od")
-            if not offers:
-                self.deficit += 1
-                continue
-            choices = failover_offers(
-                self.policy,
-                self.dep,
-                self.catalog,
-                offers[0],
-                None,
-                self.settings.launch_offers,
-                cluster.blocked,
-            )
             self.launched.append(replica_id)
-            cluster.provision(
-                replica_id,
-                [_option(c) for c in choices],
-                RENTED_POOL,
-                self._residency,
-                self,
-                self.weights_bytes,
-            )
+            cluster.provision(replica_id, options, self)
 
     def _remove(self, cluster: Cluster, count: int) -> None:
         for replica_id in reversed(list(self.launched)):

@@ -25,7 +25,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-def _sizes(trace: Trace, seed: int, limit: int = 20_000) -> list[tuple[int, int]]:
+def request_sizes(trace: Trace, seed: int, limit: int = 20_000) -> list[tuple[int, int]]:
     """Request sizes spread evenly over the whole trace (a looped trace gives the same ones),
     in a seeded random order."""
     step = max(1, len(trace) // limit)
@@ -72,10 +72,9 @@ def holds_target(
     return bool(ttfts) and percentile(ttfts, 99) <= slo_s
 
 
-def replica_throughput(profile: GpuProfile, trace: Trace, seed: int) -> float:
-    """Requests per second one replica finishes flat out, with the trace's request sizes: each
+def replica_throughput(profile: GpuProfile, sizes: Sequence[tuple[int, int]]) -> float:
+    """Requests per second one replica finishes flat out with these request sizes: each
     request costs its prefill and its share of every decode step of a full batch."""
-    sizes = _sizes(trace, seed)
     mean_in = sum(s[0] for s in sizes) / len(sizes)
     mean_out = sum(s[1] for s in sizes) / len(sizes)
     busy = mean_in / profile.prefill_tokens_per_s + mean_out * profile.decode_step_per_request_s
@@ -84,17 +83,16 @@ def replica_throughput(profile: GpuProfile, trace: Trace, seed: int) -> float:
 
 def replica_capacity(
     profile: GpuProfile,
-    trace: Trace,
+    sizes: Sequence[tuple[int, int]],
     slo_s: float,
     seed: int,
     requests: int,
     fast_forward: bool = True,
 ) -> float:
     """Requests per second one replica serves with p99 time to first token within ``slo_s``,
-    for the trace's request sizes (Poisson arrivals, bisection on the rate): what a load test
-    of one replica shows."""
-    sizes = _sizes(trace, seed)
-    low, high = 0.0, 1.5 * replica_throughput(profile, trace, seed)
+    for these request sizes (Poisson arrivals, bisection on the rate): what a load test of
+    one replica shows."""
+    low, high = 0.0, 1.5 * replica_throughput(profile, sizes)
     for _ in range(7):  # to within 1% of the ceiling
         middle = (low + high) / 2
         if holds_target(profile, sizes, middle, 1, slo_s, seed, requests, fast_forward):
@@ -106,17 +104,16 @@ def replica_capacity(
 
 def replicas_for_mean_load(
     profile: GpuProfile,
-    trace: Trace,
+    sizes: Sequence[tuple[int, int]],
+    rate: float,
     slo_s: float,
     seed: int,
     requests: int,
     fast_forward: bool = True,
     limit: int = 256,
 ) -> int:
-    """The fewest replicas that keep the TTFT target at the trace's mean rate, steady: reserved
-    capacity "near the mean load" (bursts above the mean are what spilling is for)."""
-    sizes = _sizes(trace, seed)
-    rate = trace.mean_rate()
+    """The fewest replicas that keep the TTFT target at a steady ``rate`` (the trace's mean):
+    reserved capacity "near the mean load" (bursts above the mean are what spilling is for)."""
     for replicas in range(1, limit + 1):
         if holds_target(profile, sizes, rate, replicas, slo_s, seed, requests, fast_forward):
             return replicas

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from scheduler.simulate.cluster import REJECTED, RESERVED, SPILLED
 from scheduler.simulate.probes import percentile
-from scheduler.simulate.scenarios import ScenarioResult
+from scheduler.simulate.scenarios import SLO_SHARE, ScenarioResult
 
 BUCKET_S = 60.0
 OUTCOMES = {RESERVED: "reserved", SPILLED: "rented", REJECTED: "rejected"}
@@ -61,7 +61,9 @@ def _round(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 4)
 
 
-def comparison(summaries: Mapping[str, dict[str, Any]], slo_share: float = 0.99) -> dict[str, Any]:
+def comparison(
+    summaries: Mapping[str, dict[str, Any]], slo_share: float = SLO_SHARE
+) -> dict[str, Any]:
     """Which scenarios hold the SLO, which of those is cheapest, and the ratios to the policy."""
     holding = {name: s for name, s in summaries.items() if s["slo_attainment"] >= slo_share - 1e-12}
     cheapest = min(holding, key=lambda n: holding[n]["cost_usd"]["total"]) if holding else None
@@ -87,6 +89,21 @@ def comparison(summaries: Mapping[str, dict[str, Any]], slo_share: float = 0.99)
         "saving_vs_next": saving,
         "cost_vs_policy": ratios,
     }
+
+
+def verdict(c: Mapping[str, Any]) -> str:
+    """One line from :func:`comparison`: the cheapest scenario that holds, and by how much."""
+    cheapest = c["cheapest_holding_slo"]
+    share = f"{c['slo_share'] * 100:g}%"
+    if cheapest is None:
+        return f"no scenario kept {share} of requests within the TTFT target"
+    line = f"cheapest scenario keeping {share} of requests within the TTFT target: {cheapest}"
+    saving, runner_up = c["saving_vs_next"], c["next_cheapest_holding_slo"]
+    if saving is not None and saving < 0.0005:
+        line += f" ({runner_up} costs the same)"
+    elif saving is not None:
+        line += f", {saving * 100:.1f}% less than the next, {runner_up}"
+    return line
 
 
 def table(summaries: Mapping[str, dict[str, Any]], title: str) -> Table:

@@ -10,7 +10,6 @@ from typing import Any
 from providers.catalog import Catalog
 from scheduler.policy import Policy
 from scheduler.simulate import report
-from scheduler.simulate.controllers import allowed_offers
 from scheduler.simulate.scenarios import (
     SCENARIOS,
     ScenarioResult,
@@ -34,9 +33,15 @@ class Simulation:
     comparison: dict[str, Any]
     wall_s: float
     files: list[Path] = field(default_factory=list)
+    _data: dict[str, Any] | None = field(default=None, repr=False)
 
     def data(self) -> dict[str, Any]:
-        """Everything, as JSON-ready data."""
+        """Everything, as JSON-ready data (built once)."""
+        if self._data is None:
+            self._data = self._build_data()
+        return self._data
+
+    def _build_data(self) -> dict[str, Any]:
         s = self.setup
         return {
             "trace": {
@@ -141,7 +146,7 @@ def simulate(
     settings = settings or SimSettings()
     started = time.perf_counter()
     setup = prepare(policy, trace, settings, deployment, catalog)
-    if "on-demand" in scenarios and not allowed_offers(setup.policy, setup.dep, setup.catalog):
+    if "on-demand" in scenarios and not setup.offers:
         scenarios = tuple(name for name in scenarios if name != "on-demand")
         note = (
             f"no on-demand baseline: no allowed cloud sells {setup.dep.gpus}x {setup.dep.sku} "

@@ -14,32 +14,36 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.runtimes.simulated_model import GpuProfile, profile_for_gpu
-from providers.catalog import Catalog, OfferRequest, default_catalog
+from providers.catalog import Catalog, Offer, OfferRequest, default_catalog
 from providers.errors import ProviderError
 from scheduler.policy import Deployment, Lock, Policy, resolve_lock
 from scheduler.simulate.cluster import OWNED, REJECTED, RESERVED, SPILLED, Cluster, Machine
 from scheduler.simulate.controllers import (
-    RENTED_POOL,
     OnDemandController,
     SpillwayController,
     allowed_offers,
-    residency_lookup,
+    launch_option,
 )
 from scheduler.simulate.probes import (
     percentile,
     replica_capacity,
     replica_throughput,
     replicas_for_mean_load,
+    request_sizes,
 )
 from scheduler.simulate.settings import SimSettings
 from scheduler.simulate.trace import Trace
 from spillway.configfile import InputError
 
 SCENARIOS = ("reserved-only", "on-demand", "policy")
+#: Share of requests a scenario must keep within the TTFT target to count as holding it.
+SLO_SHARE = 0.99
 
 
 class SimulationError(InputError):
@@ -56,6 +60,8 @@ class Setup:
     catalog: Catalog
     lock: Lock
     profile: GpuProfile
+    #: Offers the deployment may rent inside its lock, cheapest first (empty: none).
+    offers: tuple[Offer, ...]
     params_b: float
     weights_bytes: float
     #: Requests per second one replica holds within the TTFT target (None: not measured,
@@ -77,8 +83,7 @@ class Setup:
         return self.reserved_machines * self.gpus_per_machine
 
 
-def _price_per_gpu_hour(policy: Policy, dep: Deployment, catalog: Catalog) -> float:
-    inside = allowed_offers(policy, dep, catalog)
+def _price_per_gpu_hour(inside: Sequence[Offer], dep: Deployment, catalog: Catalog) -> float:
     if inside:
         return inside[0].usd_per_gpu_hour
     try:
@@ -123,9 +128,10 @@ def prepare(
     profile = base.scaled(tp=dep.gpus, speedup=8.0 / params)
     lock = resolve_lock(policy, dep, catalog)
     slo, seed, probe = settings.ttft_slo_s, settings.seed, settings.probe_requests
+    sizes = request_sizes(trace, seed)
     capacity: float | None = None
     if settings.on_demand.target_qps_per_replica is None:
-        capacity = replica_capacity(profile, trace, slo, seed, probe, settings.fast_forward)
+        capacity = replica_capacity(profile, sizes, slo, seed, probe, settings.fast_forward)
         if capacity <= 0:
             raise SimulationError(
                 f"one replica of {dep.model} on {dep.gpus}x {dep.sku} cannot keep the time to "
@@ -140,7 +146,9 @@ def prepare(
             f"{dep.gpus} GPUs on one machine"
         )
     if reserved.machines is None:
-        replicas = replicas_for_mean_load(profile, trace, slo, seed, probe, settings.fast_forward)
+        replicas = replicas_for_mean_load(
+            profile, sizes, trace.mean_rate(), slo, seed, probe, settings.fast_forward
+        )
         per = per_machine // dep.gpus
         machines = math.ceil(replicas / per)
         notes.append(
@@ -155,7 +163,8 @@ def prepare(
     label = reserved.residency_label
     if label is None:
         label = sorted(lock.agent_labels)[0] if lock.agent_labels else ""
-    on_demand_price = _price_per_gpu_hour(policy, dep, catalog)
+    offers = tuple(allowed_offers(policy, dep, catalog))
+    on_demand_price = _price_per_gpu_hour(offers, dep, catalog)
     reserved_price = reserved.usd_per_gpu_hour or on_demand_price * (1 - reserved.discount)
     target_qps = settings.on_demand.target_qps_per_replica or capacity
     assert target_qps is not None
@@ -166,10 +175,11 @@ def prepare(
         catalog=catalog,
         lock=lock,
         profile=profile,
+        offers=offers,
         params_b=params,
         weights_bytes=settings.weights_bytes_for(dep.model),
         replica_capacity_rps=capacity,
-        replica_throughput_rps=replica_throughput(profile, trace, settings.seed),
+        replica_throughput_rps=replica_throughput(profile, sizes),
         reserved_machines=machines,
         gpus_per_machine=per_machine,
         reserved_pool=pool,
@@ -254,12 +264,10 @@ def rented_cost(cluster: Cluster, settings: SimSettings) -> float:
     for machine in cluster.machines.values():
         if not machine.rented or machine.launched_at >= cluster.horizon:
             continue
-        ended = machine.terminated_at is not None and machine.terminated_at <= cluster.horizon
-        end = (
-            machine.terminated_at
-            if ended and machine.terminated_at is not None
-            else cluster.horizon
-        )
+        end = machine.terminated_at
+        ended = end is not None and end <= cluster.horizon
+        if end is None or not ended:
+            end = cluster.horizon
         seconds = billed_seconds(settings, machine.provider, end - machine.launched_at, ended)
         total += seconds / 3600 * machine.usd_per_hour
     return total
@@ -284,20 +292,22 @@ def spill_episodes(cluster: Cluster) -> list[Episode]:
 def run_scenario(name: str, setup: Setup, trace: Trace, settings: SimSettings) -> ScenarioResult:
     """Simulate one of :data:`SCENARIOS` over the whole trace."""
     started = time.perf_counter()
+    catalog = setup.catalog
     cluster = Cluster(
         setup.deployment,
         trace,
         setup.profile,
         settings,
         replica_gpus=setup.dep.gpus,
+        weights_bytes=setup.weights_bytes,
+        residency_of=lambda cloud, region: catalog.region(cloud, region).residency,
         seed_offset=SCENARIOS.index(name),
     )
     reserved_gpus = 0
     lock_errors: list[str] = []
     plans = 0
     if name == "on-demand":
-        offers = allowed_offers(setup.policy, setup.dep, setup.catalog)
-        if not offers:
+        if not setup.offers:
             raise SimulationError(
                 f"no offer for {setup.dep.gpus}x {setup.dep.sku} inside the lock of "
                 f"{setup.deployment}: the on-demand baseline has nothing to rent"
@@ -307,28 +317,15 @@ def run_scenario(name: str, setup: Setup, trace: Trace, settings: SimSettings) -
         controller_od = OnDemandController(
             setup.policy,
             setup.deployment,
-            setup.catalog,
+            catalog,
             settings,
-            setup.weights_bytes,
             setup.target_qps_per_replica,
-            initial=[],
         )
-        residency = residency_lookup(setup.catalog)
-        cheapest = offers[0]
+        # A running service: the replicas the first window asks for already serve.
+        cheapest = launch_option(setup.offers[0])
         for _ in range(controller_od.target(first)):
             replica_id = cluster.new_id("od")
-            machine = cluster.add_machine(
-                Machine(
-                    machine_id=f"{cheapest.cloud}-{replica_id}",
-                    provider=cheapest.cloud,
-                    region=cheapest.region,
-                    residency_label=residency(cheapest.cloud, cheapest.region),
-                    pool=RENTED_POOL,
-                    gpus=setup.dep.gpus,
-                    usd_per_hour=cheapest.usd_per_hour,
-                    instance_type=cheapest.instance_type,
-                )
-            )
+            machine = cluster.rent(replica_id, cheapest, registered_at=0.0)
             cluster.place_replica(replica_id, machine, machine.free_gpus, 0.0)
             controller_od.launched.append(replica_id)
         cluster.run(controller_od)
@@ -338,9 +335,7 @@ def run_scenario(name: str, setup: Setup, trace: Trace, settings: SimSettings) -
         )
         _reserved_fleet(setup, cluster)
         reserved_gpus = setup.reserved_gpus
-        controller = SpillwayController(
-            policy, setup.deployment, setup.catalog, settings, setup.weights_bytes
-        )
+        controller = SpillwayController(policy, setup.deployment, catalog, settings)
         cluster.run(controller)
         lock_errors = controller.lock_errors
         plans = controller.plans
@@ -358,6 +353,20 @@ def run_scenario(name: str, setup: Setup, trace: Trace, settings: SimSettings) -
     )
 
 
+def _percentiles(sorted_values: Sequence[float]) -> dict[str, float]:
+    return {f"p{q}": percentile(sorted_values, q) for q in (50, 90, 99)}
+
+
+def slo_attainment(cluster: Cluster, slo_s: float) -> float:
+    """Share of the trace's requests served with a time to first token within ``slo_s``
+    (rejected requests count as misses)."""
+    outcome, ttft = cluster.outcome, cluster.ttft
+    within = sum(
+        1 for i in range(len(outcome)) if outcome[i] in (RESERVED, SPILLED) and ttft[i] <= slo_s
+    )
+    return within / len(outcome)
+
+
 def summarize(result: ScenarioResult, setup: Setup, settings: SimSettings) -> dict[str, Any]:
     """The numbers of one scenario, as plain data (the JSON output and the table use them)."""
     c = result.cluster
@@ -367,7 +376,7 @@ def summarize(result: ScenarioResult, setup: Setup, settings: SimSettings) -> di
     ttft = sorted(c.ttft[i] for i in served)
     e2e = sorted(c.e2e[i] for i in served)
     slo = settings.ttft_slo_s
-    within = sum(1 for i in served if c.ttft[i] <= slo)
+    on_reserved = sum(1 for i in served if outcome[i] == RESERVED)
     output_tokens = sum(trace.output_tokens[i] for i in served)
     rejected = sum(1 for i in range(len(trace)) if outcome[i] == REJECTED)
     lost = len(trace) - len(served) - rejected
@@ -386,32 +395,21 @@ def summarize(result: ScenarioResult, setup: Setup, settings: SimSettings) -> di
         )
         if not inside:
             violations += replica.served
-    kinds: dict[str, int] = {}
-    for event in c.events:
-        kinds[event.kind] = kinds.get(event.kind, 0) + 1
     durations = [e.duration_s for e in result.episodes]
     total = result.cost_total
     return {
         "scenario": result.name,
         "requests": len(trace),
         "served": len(served),
-        "served_on_reserved": sum(1 for i in served if outcome[i] == RESERVED),
-        "served_on_rented": sum(1 for i in served if outcome[i] == SPILLED),
+        "served_on_reserved": on_reserved,
+        "served_on_rented": len(served) - on_reserved,
         "rejected": rejected,
         "rejections": dict(c.rejections),
         "lost": lost,
-        "ttft_s": {
-            "p50": percentile(ttft, 50),
-            "p90": percentile(ttft, 90),
-            "p99": percentile(ttft, 99),
-        },
-        "e2e_s": {
-            "p50": percentile(e2e, 50),
-            "p90": percentile(e2e, 90),
-            "p99": percentile(e2e, 99),
-        },
+        "ttft_s": _percentiles(ttft),
+        "e2e_s": _percentiles(e2e),
         "slo_ttft_s": slo,
-        "slo_attainment": within / len(trace),
+        "slo_attainment": slo_attainment(c, slo),
         "output_tokens": output_tokens,
         "cost_usd": {
             "reserved": result.cost_reserved,
@@ -422,8 +420,7 @@ def summarize(result: ScenarioResult, setup: Setup, settings: SimSettings) -> di
         "reserved_gpus": result.reserved_gpus,
         # The load the reserved replicas served, against what they finish flat out...
         "reserved_utilization": (
-            sum(1 for i in served if outcome[i] == RESERVED)
-            / (reserved_replicas * setup.replica_throughput_rps * horizon)
+            on_reserved / (reserved_replicas * setup.replica_throughput_rps * horizon)
             if reserved_replicas and horizon > 0
             else None
         ),
@@ -441,7 +438,7 @@ def summarize(result: ScenarioResult, setup: Setup, settings: SimSettings) -> di
             "mean_s": sum(durations) / len(durations) if durations else 0.0,
             "longest_s": max(durations, default=0.0),
         },
-        "events": kinds,
+        "events": dict(Counter(event.kind for event in c.events)),
         "residency_violations": violations,
         "lock_errors": result.lock_errors,
         "decisions": result.plans or len(c.ticks),
@@ -449,15 +446,13 @@ def summarize(result: ScenarioResult, setup: Setup, settings: SimSettings) -> di
     }
 
 
-#: Share of requests within the TTFT target the tuned on-demand baseline must keep.
-TUNE_SLO_SHARE = 0.99
 TUNE_WINDOW_S = 3600.0
 TUNE_STEPS = 6
 
 
 def tune_on_demand(setup: Setup, trace: Trace, settings: SimSettings) -> tuple[float, str]:
     """The largest target requests/s per replica with which the on-demand baseline keeps
-    :data:`TUNE_SLO_SHARE` within the TTFT target on the trace's first hour (bisection; a
+    :data:`SLO_SHARE` within the TTFT target on the trace's first hour (bisection; a
     higher target rents fewer replicas, so it is the cheapest such setting), and a note."""
     start = setup.replica_capacity_rps or setup.target_qps_per_replica
     sample = trace.head(TUNE_WINDOW_S)
@@ -465,7 +460,7 @@ def tune_on_demand(setup: Setup, trace: Trace, settings: SimSettings) -> tuple[f
     def holds(target: float) -> bool:
         trial = replace(setup, target_qps_per_replica=target)
         result = run_scenario("on-demand", trial, sample, settings)
-        return bool(summarize(result, trial, settings)["slo_attainment"] >= TUNE_SLO_SHARE)
+        return slo_attainment(result.cluster, settings.ttft_slo_s) >= SLO_SHARE
 
     low, high = 0.25 * start, 2.0 * start
     if holds(high):
@@ -473,7 +468,7 @@ def tune_on_demand(setup: Setup, trace: Trace, settings: SimSettings) -> tuple[f
     if not holds(low):
         return low, (
             f"on-demand target {low:.2f} requests/s per replica: even this misses "
-            f"{TUNE_SLO_SHARE:.0%} within the TTFT target on the first hour"
+            f"{SLO_SHARE:.0%} within the TTFT target on the first hour"
         )
     for _ in range(TUNE_STEPS):
         middle = (low + high) / 2
@@ -484,5 +479,5 @@ def tune_on_demand(setup: Setup, trace: Trace, settings: SimSettings) -> tuple[f
     hours = sample.duration_s / 3600
     return low, (
         f"on-demand target tuned to {low:.2f} requests/s per replica: the highest that keeps "
-        f"{TUNE_SLO_SHARE:.0%} within the TTFT target over the first {hours:.1f} h"
+        f"{SLO_SHARE:.0%} within the TTFT target over the first {hours:.1f} h"
     )
