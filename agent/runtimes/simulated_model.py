@@ -358,9 +358,12 @@ class BatchingModel:
         exactly as :meth:`advance` would, so the results are bit for bit the same.
         """
         p = self.profile
-        if not self._running:
-            return
         batch = self._running
+        if not batch:
+            return
+        step = p.decode_step_base_s + p.decode_step_per_request_s * len(batch)
+        if self._clock + step > now:  # not even one more ends by now: skip the batch scans
+            return
         if any(r.stream or r.prefilled < r.prompt_tokens for r in batch):
             return
         left = min(r.max_new_tokens - r.generated for r in batch)
@@ -371,7 +374,6 @@ class BatchingModel:
             head = self._waiting[0]
             if self._reserved + head.prompt_tokens + head.max_new_tokens <= p.max_total_tokens:
                 head_arrival = head.arrived_at  # admitted at the first iteration after it
-        step = p.decode_step_base_s + p.decode_step_per_request_s * len(batch)
         t = self._clock
         n = 0
         ends: list[float] = []
