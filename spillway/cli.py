@@ -237,6 +237,13 @@ def _positive(value: str) -> float:
     return number
 
 
+def _not_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {value}")
+    return number
+
+
 def _at_least_one(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -415,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, help="seed of every random draw (default: settings)")
     sim.add_argument("--ttft-slo", type=_positive, help="TTFT target in seconds")
     sim.add_argument(
-        "--reserved", type=int, help="reserved machines (default: sized to the mean load)"
+        "--reserved", type=_not_negative, help="reserved machines (default: sized to the mean load)"
     )
     sim.add_argument(
         "--out", type=Path, default=Path("simulation"), help="folder for JSON, PNG and CSV"

@@ -96,3 +96,7 @@ def test_bad_inputs_exit_2_naming_the_problem(
     with pytest.raises(SystemExit) as caught:
         main(["simulate", "--trace", str(trace), "--policy", str(pol), "--time-scale", "0"])
     assert caught.value.code == 2
+    with pytest.raises(SystemExit) as caught:
+        main(["simulate", "--trace", str(trace), "--policy", str(pol), "--reserved", "-1"])
+    assert caught.value.code == 2
+    assert "expected a whole number of 0 or more, got -1" in capsys.readouterr().err
