@@ -1,11 +1,13 @@
 """Byte-range GETs over keep-alive HTTP/1.1 connections, written straight to a file descriptor.
 
-Each worker thread owns its connections (one per origin) and one reusable buffer: it fills the
-buffer from the socket with ``recv_into`` and writes it with ``os.pwrite`` at its offset, so
-memory stays at one buffer per connection whatever the file size, and no byte is copied in
-Python. Both calls release the GIL, so a pool of threads keeps the CPU in the kernel. A minimal
-HTTP/1.1 client is used instead of ``http.client`` because its buffered reader cost about half
-again as much CPU per byte on a small machine; TLS goes through the same code via ``ssl``.
+Each worker thread owns its connections (one per origin) and one reusable buffer. On plain
+HTTP under Linux a body goes socket -> pipe -> file with ``splice``: the kernel copies each
+byte once, into the page cache, and no byte reaches Python. Over TLS (or where a file system
+cannot take ``splice``) the buffer is filled from the socket with ``recv_into`` and written
+with ``os.pwrite`` at its offset. Either way memory stays at one buffer (or pipe) per
+connection whatever the file size, and every call releases the GIL, so a pool of threads keeps
+the CPU in the kernel. A minimal HTTP/1.1 client is used instead of ``http.client`` because its
+buffered reader cost about half again as much CPU per byte on a small machine.
 
 This module classifies failures into the prefetch error tree; it never retries (the engine
 does) and knows nothing about stores or signatures.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import socket
@@ -49,17 +52,45 @@ def disk_error(exc: OSError, what: str) -> PrefetchError:
     return PrefetchError(f"{what}: {exc.strerror or exc}")
 
 
-class _Conn:
-    """One keep-alive connection and the bytes read past the last response's headers."""
+_SPLICE = hasattr(os, "splice")
+_F_SETPIPE_SZ: int = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_PIPE_BYTES = 1024 * 1024
+_NO_SPLICE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
-    def __init__(self, sock: socket.socket, waitall: bool) -> None:
+
+class _Conn:
+    """One keep-alive connection and the bytes read past the last response's headers.
+
+    A plain-HTTP connection on Linux also owns a pipe: bodies move socket -> pipe -> file with
+    ``splice``, so the kernel copies each byte once (into the page cache) instead of twice
+    (into a user buffer, then into the page cache).
+    """
+
+    def __init__(self, sock: socket.socket, waitall: bool, splice: bool = False) -> None:
         self.sock = sock
         self.pending = b""
         self.flags = socket.MSG_WAITALL if waitall else 0
+        self.pipe: tuple[int, int] | None = None
+        self.pipe_bytes = 0
+        if splice:
+            read_end, write_end = os.pipe()
+            try:
+                self.pipe_bytes = fcntl.fcntl(write_end, _F_SETPIPE_SZ, _PIPE_BYTES)
+            except OSError:  # above /proc/sys/fs/pipe-max-size: keep the default size
+                self.pipe_bytes = 64 * 1024
+            self.pipe = (read_end, write_end)
+
+    def drop_pipe(self) -> None:
+        if self.pipe is not None:
+            for end in self.pipe:
+                with contextlib.suppress(OSError):
+                    os.close(end)
+            self.pipe = None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+        self.drop_pipe()
 
 
 class Connections:
@@ -103,7 +134,7 @@ class Connections:
                 timeval = struct.pack("ll", int(whole), int(frac * 1e6))
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-                conn = _Conn(sock, waitall=True)
+                conn = _Conn(sock, waitall=True, splice=_SPLICE)
             with self._all_lock:
                 if self._aborted:
                     conn.close()
@@ -320,6 +351,10 @@ def _copy_body(
         offset += len(pending)
         remaining -= len(pending)
         on_bytes(len(pending))
+    if conn.pipe is not None:
+        moved = _splice_body(conn, conn.pipe, offset, remaining, fd, buf, on_bytes, stop, what)
+        offset += moved
+        remaining -= moved
     size = len(buf)
     recv_into = conn.sock.recv_into
     flags = conn.flags
@@ -346,6 +381,64 @@ def _copy_body(
             on_bytes(got)
         if got < want:
             raise RetryableError(f"{what}: the body ended {remaining} bytes early")
+
+
+def _splice_body(
+    conn: _Conn,
+    pipe: tuple[int, int],
+    offset: int,
+    remaining: int,
+    fd: int,
+    buf: memoryview,
+    on_bytes: Callable[[int], None],
+    stop: threading.Event,
+    what: str,
+) -> int:
+    """Move up to ``remaining`` body bytes from the socket to ``fd`` at ``offset`` through the
+    pipe; return how many were moved.
+
+    That is all of them, unless the destination's file system cannot take ``splice``: then
+    the connection drops its pipe and the caller copies the rest through ``buf``. The pipe is
+    emptied into the file after every fill, so it never holds bytes that were counted; when
+    anything fails the caller drops the connection, and the pipe with it.
+    """
+    read_end, write_end = pipe
+    sock_fd = conn.sock.fileno()
+    splice = os.splice
+    moved_total = 0
+    while remaining > 0:
+        if stop.is_set():
+            raise RetryableError(f"{what}: stopped")
+        want = conn.pipe_bytes if remaining > conn.pipe_bytes else remaining
+        try:
+            got = splice(sock_fd, write_end, want)
+        except OSError as exc:
+            raise RetryableError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        if got == 0:
+            raise RetryableError(f"{what}: the body ended {remaining} bytes early")
+        moved = 0
+        try:
+            while moved < got:
+                moved += splice(read_end, fd, got - moved, offset_dst=offset + moved)
+        except OSError as exc:
+            if moved:
+                on_bytes(moved)
+            if exc.errno not in _NO_SPLICE or moved:
+                raise disk_error(exc, what) from exc
+            # This file system has no splice support: write the piped bytes the plain way
+            # and let this connection copy through a buffer from now on.
+            while moved < got:
+                n = os.readv(read_end, [buf[: min(len(buf), got - moved)]])
+                _write(fd, buf[:n], offset + moved, what)
+                moved += n
+            on_bytes(moved)
+            conn.drop_pipe()
+            return moved_total + moved
+        offset += got
+        remaining -= got
+        moved_total += got
+        on_bytes(got)
+    return moved_total
 
 
 def _write(fd: int, data: memoryview, offset: int, what: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.prefetch import Tuning
+from agent.prefetch import Tuning, transport
 from tests.agent.prefetch.faults import FaultyOrigin
 
 KiB = 1024
@@ -79,6 +79,16 @@ def safetensors_bytes(tensors: dict[str, int]) -> bytes:
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw + os.urandom(offset)
+
+
+@pytest.fixture(params=["splice", "buffer"])
+def body_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once with each way of moving a body into the file."""
+    path: str = request.param
+    if path == "splice" and not hasattr(os, "splice"):
+        pytest.skip("os.splice needs Linux")
+    monkeypatch.setattr(transport, "_SPLICE", path == "splice")
+    return path
 
 
 @pytest.fixture

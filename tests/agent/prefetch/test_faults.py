@@ -23,6 +23,7 @@ from agent.prefetch import (
     VerificationError,
     prefetch,
 )
+from agent.prefetch.engine import _memory_backed
 from agent.prefetch.state import STATE_DIR, covered, parse_ranges
 from tests.agent.prefetch.conftest import fast_tuning, safetensors_bytes
 from tests.agent.prefetch.faults import Fault, FaultyOrigin
@@ -44,7 +45,9 @@ def _fetch(origin: FaultyOrigin, dest: Path, names: list[str], **tuning: object)
     ],
     ids=["reset-mid-range", "503-then-ok", "500-then-ok", "truncated-body"],
 )
-def test_transient_faults_are_retried(origin: FaultyOrigin, tmp_path: Path, fault: Fault) -> None:
+def test_transient_faults_are_retried(
+    origin: FaultyOrigin, tmp_path: Path, fault: Fault, body_path: str
+) -> None:
     data = os.urandom(2 * MiB + 5)
     origin.add("w.bin", data, Fault(fault.kind, fault.times, fault.after, fault.status, skip=2))
     result = _fetch(origin, tmp_path, ["w.bin"])
@@ -134,6 +137,48 @@ def test_full_disk(origin: FaultyOrigin, tmp_path: Path) -> None:
         with pytest.raises(DiskFullError, match=r"bytes free|no space"):
             _fetch(origin, small / "model", ["w.bin"])
         assert origin.served["w.bin"] == 0
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_tmpfs_destination_is_sized_but_not_zero_filled(
+    origin: FaultyOrigin, tmp_path: Path
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount an 8 MiB tmpfs here (needs root): {mounted.stderr.decode()}")
+    try:
+        assert _memory_backed(small)
+        assert not _memory_backed(small / "missing")
+        data = os.urandom(3 * MiB)
+        origin.add("w.bin", data)
+        origin.rate = 1 * MiB  # per connection, so the download is still running below
+        seen: list[tuple[int, int]] = []
+
+        def look(_: object) -> None:
+            parts = list((small / "model" / STATE_DIR).rglob("*.part"))
+            if parts and not seen:
+                st = parts[0].stat()
+                seen.append((st.st_size, st.st_blocks * 512))
+
+        result = prefetch(
+            origin.base, small / "model", SourceOptions(files=["w.bin"]),
+            fast_tuning(connections=2), on_progress=look,
+        )  # fmt: skip
+        assert (small / "model" / "w.bin").read_bytes() == data
+        assert result.fetched_bytes == len(data)
+        # The part file had its full size from the start, but only the bytes received so far
+        # took memory: nothing was zero-filled ahead of the download.
+        assert seen, "no progress was reported while the download ran"
+        size, allocated = seen[0]
+        assert size == len(data)
+        assert allocated < len(data)
     finally:
         subprocess.run(["umount", str(small)], check=True)
 
