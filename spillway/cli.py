@@ -434,19 +434,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_input_error(exc: Exception) -> bool:
+    """Whether ``exc`` is a ``spillway.configfile.InputError``, without importing that module
+    (and pydantic with it) for commands that never read a config file, such as ``prefetch``,
+    whose start-up time is part of every cold start."""
+    configfile = sys.modules.get("spillway.configfile")
+    return configfile is not None and isinstance(exc, configfile.InputError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    from spillway.configfile import InputError
-
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (_BadInput, InputError) as exc:
-        print(f"spillway: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except _Failure as exc:
         print(f"spillway: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except Exception as exc:
+        if not isinstance(exc, _BadInput) and not _is_input_error(exc):
+            raise
+        print(f"spillway: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
