@@ -32,6 +32,7 @@ not decide every number; pass a directory on disk to include it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -284,6 +285,46 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def sha256_cpu_s_per_gb() -> float:
+    """CPU seconds this machine spends to sha256 one GB held in memory (one thread, hashlib)."""
+    block = os.urandom(64 * MiB)
+    digest = hashlib.sha256()
+    began = time.process_time()
+    for _ in range(8):
+        digest.update(block)
+    return (time.process_time() - began) / (8 * len(block) / 1e9)
+
+
+def ceiling(rows: list[dict[str, Any]], total_bytes: int, sha_s_per_gb: float) -> dict[str, Any]:
+    """The fastest ``spillway`` (with sha256) could go on the latency origin on this machine.
+
+    Spillway without sha256 shows what receiving costs per byte (client CPU only); hashing adds
+    ``sha_s_per_gb``. With every core busy on nothing else, not even the origin, the rate
+    cannot exceed cores / (receive + hash) per byte. A generous bound: the origin's CPU is left
+    out and perfect overlap is assumed.
+    """
+    cores = os.cpu_count() or 1
+    nosha = next(
+        (r for r in rows if r["origin"] == "latency" and r["tool"] == "spillway-nosha"), None
+    )
+    peers = [
+        float(r["mb_per_s"])
+        for r in rows
+        if r["origin"] == "latency" and not str(r["tool"]).startswith("spillway")
+    ]
+    if nosha is None or not peers:
+        return {}
+    receive_s_per_gb = float(nosha["cpu_s"]) / (total_bytes / 1e9)
+    bound = cores / (receive_s_per_gb + sha_s_per_gb) * 1e3  # MB/s
+    return {
+        "cores": cores,
+        "receive_cpu_s_per_gb": round(receive_s_per_gb, 3),
+        "sha256_cpu_s_per_gb": round(sha_s_per_gb, 3),
+        "ceiling_mb_per_s": round(bound, 1),
+        "needed_mb_per_s": round(1.3 * max(peers), 1),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=int, default=4)
@@ -351,9 +392,18 @@ def main() -> int:
     print()
     print_table(rows)
     verdicts = targets(rows)
+    bound = ceiling(rows, sum(sizes.values()), sha256_cpu_s_per_gb())
     print()
     for line in verdicts:
         print(line)
+    if bound:
+        print(
+            f"ceiling for spillway with sha256 on the latency origin here: {bound['cores']} cores "
+            f"/ ({bound['receive_cpu_s_per_gb']} CPU s/GB to receive + "
+            f"{bound['sha256_cpu_s_per_gb']} CPU s/GB to hash) = "
+            f"{bound['ceiling_mb_per_s']:.0f} MB/s, leaving out the origin's own CPU; "
+            f"1.3x the best peer is {bound['needed_mb_per_s']:.0f} MB/s"
+        )
     load = os.getloadavg()
     result = {
         "machine": {
@@ -371,6 +421,7 @@ def main() -> int:
         },
         "summary": rows,
         "targets": verdicts,
+        "ceiling": bound,
         "runs": [asdict(r) for r in runs],
     }
     out = args.out or ROOT / "bench" / "results" / f"prefetch-{time.strftime('%Y%m%d-%H%M%S')}.json"
