@@ -11,6 +11,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,23 @@ def fast_tuning(**overrides: object) -> Tuning:
     }
     fields.update(overrides)
     return Tuning(**fields)  # type: ignore[arg-type]
+
+
+@contextmanager
+def small_tmpfs(where: Path, mib: int) -> Iterator[Path]:
+    """A ``mib`` MiB tmpfs mounted at ``where`` for the block; skips the test without root."""
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a {mib} MiB tmpfs here (needs root): {mounted.stderr.decode()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.agent.prefetch.conftest import small_tmpfs
 from tests.agent.prefetch.faults import Fault, FaultyOrigin
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -83,22 +84,11 @@ def test_exit_codes(
 
 
 def test_disk_full_exit_code(origin: FaultyOrigin, tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a 1 MiB tmpfs here (needs root): {mounted.stderr.decode()}")
-    try:
+    with small_tmpfs(tmp_path / "small", 1) as small:
         origin.add("w.bin", os.urandom(2 * MiB))
         done = _spillway(origin.base, str(small), "--file", "w.bin")
         assert done.returncode == 6, done.stderr
         assert "disk full" in done.stderr
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_bad_source_is_bad_input(tmp_path: Path) -> None:

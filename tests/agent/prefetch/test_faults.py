@@ -25,7 +25,7 @@ from agent.prefetch import (
 )
 from agent.prefetch.engine import _memory_backed
 from agent.prefetch.state import STATE_DIR, covered, parse_ranges
-from tests.agent.prefetch.conftest import fast_tuning, safetensors_bytes
+from tests.agent.prefetch.conftest import fast_tuning, safetensors_bytes, small_tmpfs
 from tests.agent.prefetch.faults import Fault, FaultyOrigin
 
 MiB = 1024 * 1024
@@ -123,37 +123,17 @@ def test_key_deleted_after_listing_is_not_found(origin: FaultyOrigin, tmp_path: 
 
 
 def test_full_disk(origin: FaultyOrigin, tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a 2 MiB tmpfs here (needs root): {mounted.stderr.decode()}")
-    try:
+    with small_tmpfs(tmp_path / "small", 2) as small:
         origin.add("w.bin", os.urandom(3 * MiB))
         with pytest.raises(DiskFullError, match=r"bytes free|no space"):
             _fetch(origin, small / "model", ["w.bin"])
         assert origin.served["w.bin"] == 0
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_tmpfs_destination_is_sized_but_not_zero_filled(
     origin: FaultyOrigin, tmp_path: Path
 ) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount an 8 MiB tmpfs here (needs root): {mounted.stderr.decode()}")
-    try:
+    with small_tmpfs(tmp_path / "small", 8) as small:
         assert _memory_backed(small)
         assert not _memory_backed(small / "missing")
         data = os.urandom(3 * MiB)
@@ -179,8 +159,6 @@ def test_tmpfs_destination_is_sized_but_not_zero_filled(
         size, allocated = seen[0]
         assert size == len(data)
         assert allocated < len(data)
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_killed_process_resumes_without_refetching_saved_ranges(
