@@ -18,12 +18,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+STALL_S = 3.0
 
 
 @dataclass
 class Fault:
-    """``kind``: ``reset``, ``truncate`` (after ``after`` body bytes), ``status`` (answer
-    ``status``), ``corrupt`` (flip one byte). ``times`` faults are served (None: forever);
+    """``kind``: ``reset``, ``truncate`` (after ``after`` body bytes), ``stall`` (send ``after``
+    body bytes, then nothing for STALL_S seconds, then close), ``status`` (answer ``status``),
+    ``corrupt`` (flip one byte). ``times`` faults are served (None: forever);
     ``skip`` requests pass untouched first."""
 
     kind: str
@@ -160,7 +162,7 @@ class FaultyOrigin:
         if fault is not None and fault.kind == "corrupt":
             body = bytes([body[0] ^ 0xFF]) + body[1:]
         limit = len(body)
-        if fault is not None and fault.kind in ("reset", "truncate"):
+        if fault is not None and fault.kind in ("reset", "truncate", "stall"):
             limit = min(fault.after, len(body))
         self._send(req, name, memoryview(body)[:limit])
         if fault is not None and fault.kind == "reset":
@@ -168,6 +170,9 @@ class FaultyOrigin:
             req.close_connection = True
             req.connection.close()
         elif fault is not None and fault.kind == "truncate":
+            req.close_connection = True
+        elif fault is not None and fault.kind == "stall":
+            time.sleep(STALL_S)
             req.close_connection = True
 
     def _send(self, req: BaseHTTPRequestHandler, name: str, body: memoryview) -> None:

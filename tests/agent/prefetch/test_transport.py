@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from agent.prefetch import DiskFullError, transport
 from agent.prefetch.transport import Connections, fetch_range
 from tests.agent.prefetch.conftest import small_tmpfs
-from tests.agent.prefetch.faults import Fault, FaultyOrigin
+from tests.agent.prefetch.faults import STALL_S, Fault, FaultyOrigin
 
 MiB = 1024 * 1024
 
@@ -130,4 +131,25 @@ def test_reset_mid_body_counts_only_what_was_written(
         assert 0 < written <= 300_000
         assert os.pread(fd, written, 0) == data[:written]
     finally:
+        os.close(fd)
+
+
+def test_origin_that_stops_sending_times_out(
+    origin: FaultyOrigin, tmp_path: Path, body_path: str
+) -> None:
+    data = os.urandom(2 * MiB)
+    url = origin.add("w.bin", data, Fault("stall", times=1, after=200_000))
+    fd = os.open(tmp_path / "w.bin", os.O_RDWR | os.O_CREAT)
+    counted: list[int] = []
+    slow = Connections(timeout_s=0.3)
+    began = time.monotonic()
+    try:
+        os.ftruncate(fd, len(data))
+        with pytest.raises(transport.RetryableError, match=r"w\.bin: .*(timed out|unavailable)"):
+            _get(slow, url, fd, 0, len(data), len(data), counted)
+        assert time.monotonic() - began < STALL_S
+        assert sum(counted) == 200_000
+        assert os.pread(fd, 200_000, 0) == data[:200_000]
+    finally:
+        slow.close_all()
         os.close(fd)
