@@ -72,6 +72,22 @@ def template_of(name: str, dep: Deployment) -> ReplicaTemplate:
     )
 
 
+def offers_in_lock(
+    policy: Policy, dep: Deployment, catalog: Catalog, skip_zone: SkipZone | None = None
+) -> list[Offer]:
+    """Offers of ``dep``'s SKU from the clouds it may spill to, inside its lock, cheapest
+    first, without the zones ``skip_zone`` rejects; empty when the catalog cannot answer."""
+    lock = resolve_lock(policy, dep, catalog)
+    try:
+        ranked = catalog.offers(
+            OfferRequest(dep.sku, dep.gpus, clouds=frozenset(spill_providers(policy, dep))),
+            skip_zone=skip_zone,
+        )
+    except ProviderError:
+        return []
+    return [o for o in ranked if lock.allows_region(o.cloud, o.region)]
+
+
 def failover_offers(
     policy: Policy,
     dep: Deployment,
@@ -86,31 +102,17 @@ def failover_offers(
     Capacity runs out per cloud as often as per region, so the fallbacks hold the cheapest
     offer of every other allowed cloud (while there is room) before more of the same cloud.
     """
-    lock = resolve_lock(policy, dep, catalog)
-    try:
-        ranked = catalog.offers(
-            OfferRequest(dep.sku, dep.gpus, clouds=frozenset(spill_providers(policy, dep)))
-        )
-    except ProviderError:
-        ranked = []
     usable: list[Offer] = []
-    for offer in ranked:
+    for offer in offers_in_lock(policy, dep, catalog, skip_zone):
         if (offer.cloud, offer.instance_type, offer.region) == (
             chosen.cloud,
             chosen.instance_type,
             chosen.region,
         ):
             continue
-        if not lock.allows_region(offer.cloud, offer.region):
-            continue
         if budget_usd_per_hour is not None and offer.usd_per_hour > budget_usd_per_hour + 1e-9:
             continue
-        zones = offer.zones
-        if skip_zone is not None:
-            zones = tuple(z for z in zones if not skip_zone(offer.cloud, offer.instance_type, z))
-            if not zones:
-                continue
-        usable.append(replace(offer, zones=zones))
+        usable.append(offer)
     room = max(0, limit - 1)
     picked: list[Offer] = []
     seen_clouds = {chosen.cloud}

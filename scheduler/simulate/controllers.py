@@ -17,13 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from providers.catalog import Catalog, Offer, OfferRequest
-from providers.errors import ProviderError
+from providers.catalog import Catalog, Offer
 from scheduler.fleet import ReplicaState
-from scheduler.policy import Deployment, Policy, resolve_lock, spill_providers
+from scheduler.policy import Deployment, Policy, spill_providers
 from scheduler.simulate.cluster import Cluster, LaunchOption
 from scheduler.simulate.settings import SimSettings
-from workflows.planning import failover_offers, plan_step
+from workflows.planning import failover_offers, offers_in_lock, plan_step
 from workflows.types import OfferChoice, PendingReplica, PlanInput, SamplePoint, trim_samples
 
 
@@ -136,15 +135,9 @@ def allowed_offers(
     skip_zone: Callable[[str, str, str], bool] | None = None,
 ) -> list[Offer]:
     """Offers for the deployment's SKU from its providers inside its lock, cheapest first."""
-    lock = resolve_lock(policy, dep, catalog)
-    clouds = frozenset(spill_providers(policy, dep))
-    if not clouds:  # no provider allowed and no credentials: nothing can be rented
+    if not spill_providers(policy, dep):  # none allowed and no credentials: nothing to rent
         return []
-    try:
-        offers = catalog.offers(OfferRequest(dep.sku, dep.gpus, clouds=clouds), skip_zone=skip_zone)
-    except ProviderError:
-        return []
-    return [o for o in offers if lock.allows_region(o.cloud, o.region)]
+    return offers_in_lock(policy, dep, catalog, skip_zone)
 
 
 class OnDemandController:
