@@ -253,6 +253,16 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def best_peer(rows: list[dict[str, Any]], origin: str) -> float | None:
+    """The highest median MB/s of any tool but Spillway's on ``origin``."""
+    peers = [
+        float(r["mb_per_s"])
+        for r in rows
+        if r["origin"] == origin and not str(r["tool"]).startswith("spillway")
+    ]
+    return max(peers, default=None)
+
+
 def targets(rows: list[dict[str, Any]]) -> list[str]:
     def mbps(origin: str, tool: str) -> float | None:
         for row in rows:
@@ -262,13 +272,9 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
 
     lines: list[str] = []
     ours = mbps("latency", "spillway")
-    peers = [
-        float(r["mb_per_s"])
-        for r in rows
-        if r["origin"] == "latency" and not str(r["tool"]).startswith("spillway")
-    ]
-    if ours and peers:
-        ratio = ours / max(peers)
+    peer = best_peer(rows, "latency")
+    if ours and peer:
+        ratio = ours / peer
         lines.append(f"capped+latency: {ratio:.2f}x the best peer (target >= 1.3): "
                      f"{'met' if ratio >= 1.3 else 'NOT met'}")  # fmt: skip
     fast = mbps("uncapped", "spillway")
@@ -307,12 +313,8 @@ def ceiling(rows: list[dict[str, Any]], total_bytes: int, sha_s_per_gb: float) -
     nosha = next(
         (r for r in rows if r["origin"] == "latency" and r["tool"] == "spillway-nosha"), None
     )
-    peers = [
-        float(r["mb_per_s"])
-        for r in rows
-        if r["origin"] == "latency" and not str(r["tool"]).startswith("spillway")
-    ]
-    if nosha is None or not peers:
+    peer = best_peer(rows, "latency")
+    if nosha is None or peer is None:
         return {}
     receive_s_per_gb = float(nosha["cpu_s"]) / (total_bytes / 1e9)
     bound = cores / (receive_s_per_gb + sha_s_per_gb) * 1e3  # MB/s
@@ -321,7 +323,7 @@ def ceiling(rows: list[dict[str, Any]], total_bytes: int, sha_s_per_gb: float) -
         "receive_cpu_s_per_gb": round(receive_s_per_gb, 3),
         "sha256_cpu_s_per_gb": round(sha_s_per_gb, 3),
         "ceiling_mb_per_s": round(bound, 1),
-        "needed_mb_per_s": round(1.3 * max(peers), 1),
+        "needed_mb_per_s": round(1.3 * peer, 1),
     }
 
 
