@@ -237,18 +237,18 @@ def _positive(value: str) -> float:
     return number
 
 
-def _not_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {value}")
-    return number
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of ``minimum`` or more."""
 
+    def whole_number(value: str) -> int:
+        number = int(value)
+        if number < minimum:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number of {minimum} or more, got {value}"
+            )
+        return number
 
-def _at_least_one(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {value}")
-    return number
+    return whole_number
 
 
 def _cmd_policy_schema(args: argparse.Namespace) -> int:
@@ -417,12 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-scale", type=_positive, default=1.0, help="multiply trace times (2: half the rate)"
     )
     sim.add_argument(
-        "--loops", type=_at_least_one, default=1, help="play the trace this many times in a row"
+        "--loops", type=_whole_number(1), default=1, help="play the trace this many times in a row"
     )
     sim.add_argument("--seed", type=int, help="seed of every random draw (default: settings)")
     sim.add_argument("--ttft-slo", type=_positive, help="TTFT target in seconds")
     sim.add_argument(
-        "--reserved", type=_not_negative, help="reserved machines (default: sized to the mean load)"
+        "--reserved",
+        type=_whole_number(0),
+        help="reserved machines (default: sized to the mean load)",
     )
     sim.add_argument(
         "--out", type=Path, default=Path("simulation"), help="folder for JSON, PNG and CSV"
