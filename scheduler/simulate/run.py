@@ -32,7 +32,6 @@ class Simulation:
     summaries: dict[str, dict[str, Any]]
     comparison: dict[str, Any]
     wall_s: float
-    files: list[Path] = field(default_factory=list)
     _data: dict[str, Any] | None = field(default=None, repr=False)
 
     def data(self) -> dict[str, Any]:
@@ -121,7 +120,6 @@ class Simulation:
             path = out_dir / "requests.csv"
             report.write_requests(path, list(self.results.values()))
             written.append(path)
-        self.files = written
         return written
 
     def title(self) -> str:
