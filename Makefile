@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit protos bench clean
+.PHONY: demo test test-tools lint typecheck unit protos bench clean
 
 # checkov scans terraform/; it pins boto3 and packaging below what the dev extra needs, so it
 # lives in a virtualenv of its own.
@@ -25,7 +25,11 @@ $(CHECKOV):
 demo: $(STAMP)
 	$(BIN)/spillway demo
 
-test: lint typecheck unit
+test: test-tools lint typecheck unit
+
+# nginx, cloud-init and Azurite: the origins and tools some tests run against (see the script).
+test-tools:
+	bash scripts/test-tools.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

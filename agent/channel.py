@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from agent.config import ClientTls
-from spillway.configfile import CredentialError, read_secret
+from common.configfile import CredentialError, read_secret
 
 # Detect a dead scheduler (or a half-open TCP connection) within ~15 s even when idle.
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [

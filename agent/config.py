@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from spillway.configfile import load_model, resolve_path
+from common.configfile import load_model, resolve_path
 
 ENV_PREFIX = "SPILLWAY_AGENT_"
 AGENT_ID_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"

@@ -23,8 +23,8 @@ from agent.channel import auth_metadata, open_channel
 from agent.config import AgentConfig
 from agent.gpus import GpuInfo, GpuInventory, GpuSample
 from agent.status import ReplicaState, ReplicaStatus
-from spillway.v1 import agent_pb2 as pb
-from spillway.v1 import agent_pb2_grpc as pb_grpc
+from common.v1 import agent_pb2 as pb
+from common.v1 import agent_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -117,10 +117,10 @@ from agent.channel import CHANNEL_OPTIONS, auth_metadata  # noqa: E402
 from agent.gpus import GIB, GpuSample  # noqa: E402
 from agent.reporter import build_report  # noqa: E402
 from agent.status import ReplicaLoad, ReplicaState, ReplicaStatus  # noqa: E402
+from common.v1 import agent_pb2 as pb  # noqa: E402
+from common.v1 import agent_pb2_grpc as pb_grpc  # noqa: E402
 from scheduler.auth import hash_token, new_token  # noqa: E402
 from scheduler.server import ACK_EVERY  # noqa: E402
-from spillway.v1 import agent_pb2 as pb  # noqa: E402
-from spillway.v1 import agent_pb2_grpc as pb_grpc  # noqa: E402
 
 RATE_STEPS = (1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0, 20.0, 25.0, 30.0)
 GPU_MODEL = "NVIDIA H100 80GB HBM3"

@@ -2,7 +2,7 @@
 
 Builds a policy of ``--deployments`` deployments (SKUs and residency locks mixed, spillover on)
 and a fleet snapshot of ``--agents`` connected agents in 20 reserved pools, then times
-:func:`scheduler.placement.place` asking every deployment for 3 more replicas. Prints a table
+:func:`decisions.placement.place` asking every deployment for 3 more replicas. Prints a table
 (median, p90, max over ``--rounds``) and writes JSON under ``bench/results/``. Target: < 50 ms.
 """
 
@@ -15,10 +15,10 @@ import statistics
 import time
 from pathlib import Path
 
+from decisions.fleetview import AgentView, FleetSnapshot
+from decisions.placement import place
+from decisions.policy import Policy
 from providers.catalog import default_catalog
-from scheduler.placement import place
-from scheduler.policy import Policy
-from scheduler.snapshot import AgentView, FleetSnapshot
 
 SKUS = [("H100-80GB", 8), ("H100-80GB", 1), ("L40S", 1), ("A100-80GB", 8), ("H200", 8)]
 GROUPS = ["eu", "us", None, "apac"]

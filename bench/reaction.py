@@ -41,14 +41,14 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from decisions.fleetview import ReplicaState
 from providers.local import LocalProvider
 from scheduler.auth import add_token
 from scheduler.config import SchedulerConfig
-from scheduler.fleet import ReplicaState
 from scheduler.server import Scheduler
 from spillway.demo_setup import AWS_ENV, RUNTIME, Services, start_services, upload_weights
+from spillway.serve.control_plane import start_control_plane
 from workflows.deployment import workflow_id
-from workflows.host import start_control_plane
 from workflows.sweeper import SWEEPER_ID
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reaction.json"

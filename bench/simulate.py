@@ -35,7 +35,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from scheduler.simulate.report import verdict
+from simulator.report import verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"

@@ -30,7 +30,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from spillway.configfile import ConfigError, load_model
+from common.configfile import ConfigError, load_model
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from spillway.configfile import load_model, resolve_path
+from common.configfile import load_model, resolve_path
 
 ENV_PREFIX = "SPILLWAY_SCHEDULER_"
 _LISTEN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]*):(\d{1,5})$")

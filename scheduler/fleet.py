@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from decisions.fleetview import ReplicaState
+
 
 @dataclass(frozen=True, slots=True)
 class Labels:
@@ -57,16 +59,6 @@ class GpuState:
     utilization: float
     replica_id: str
     healthy: bool
-
-
-class ReplicaState(enum.Enum):
-    UNKNOWN = "unknown"
-    STARTING = "starting"
-    HEALTHY = "healthy"
-    DRAINING = "draining"
-    CRASH_LOOPING = "crash-looping"
-    FAILED = "failed"
-    STOPPED = "stopped"
 
 
 @dataclass(slots=True)

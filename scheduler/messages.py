@@ -11,6 +11,8 @@ import math
 
 from google.protobuf import timestamp_pb2
 
+from common.v1 import agent_pb2 as pb
+from decisions.fleetview import ReplicaState
 from scheduler.fleet import (
     AgentHealth,
     AgentRecord,
@@ -20,10 +22,8 @@ from scheduler.fleet import (
     Registration,
     Replica,
     ReplicaLoad,
-    ReplicaState,
     Report,
 )
-from spillway.v1 import agent_pb2 as pb
 
 MAX_GPUS = 64
 MAX_REPLICAS = 256

@@ -7,8 +7,9 @@ GIL because fleet state is only changed on the event loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+import bisect
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -17,11 +18,50 @@ from prometheus_client.registry import Collector
 from scheduler.fleet import AgentHealth, FleetState
 
 if TYPE_CHECKING:
-    from scheduler.server import SchedulerService
+    from scheduler.policystore import PolicyStore
+
+
+class DelayHistogram:
+    """Seconds from a report's ``sent_at`` (the agent's clock) to its arrival in fleet state.
+
+    Cumulative-bucket counts in the Prometheus style, kept by hand because this runs for every
+    report and needs no lock: it is only written from the event loop.
+    """
+
+    BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound, count of observations <= it), ending with +Inf."""
+        out, running = [], 0
+        for bound, count in zip((*map(str, self.BOUNDS), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+class ServiceStats(Protocol):
+    """What the gRPC service counts for these metrics (``scheduler.server.SchedulerService``)."""
+
+    @property
+    def open_streams(self) -> int: ...
+    @property
+    def report_delay(self) -> DelayHistogram: ...
+    @property
+    def rejected(self) -> Mapping[str, int]: ...
+    @property
+    def policy_store(self) -> PolicyStore | None: ...
 
 
 class FleetCollector(Collector):
-    def __init__(self, fleet: FleetState, service: SchedulerService) -> None:
+    def __init__(self, fleet: FleetState, service: ServiceStats) -> None:
         self._fleet = fleet
         self._service = service
 
@@ -91,9 +131,7 @@ class FleetCollector(Collector):
             )
 
 
-def start_metrics_server(
-    listen: str, fleet: FleetState, service: SchedulerService
-) -> tuple[Any, int]:
+def start_metrics_server(listen: str, fleet: FleetState, service: ServiceStats) -> tuple[Any, int]:
     """Serve ``/metrics`` on ``listen`` (host:port); return the server and its bound port."""
     host, _, port = listen.rpartition(":")
     registry = CollectorRegistry()

@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from common.configfile import ConfigError
+from decisions.policy import Policy, check_policy
 from providers.catalog import Catalog, default_catalog
-from scheduler.policy import Policy, check_policy
-from spillway.configfile import ConfigError
 
 log = logging.getLogger(__name__)
 

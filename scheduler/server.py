@@ -9,7 +9,6 @@ the limit are refused by the transport itself with RESOURCE_EXHAUSTED.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import time
 import uuid
@@ -23,6 +22,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from common.configfile import read_secret
+from common.v1 import agent_pb2 as pb
 from scheduler.auth import Principal, TokenStore
 from scheduler.config import SchedulerConfig
 from scheduler.fleet import FleetState
@@ -32,8 +33,7 @@ from scheduler.messages import (
     registration_from_pb,
     report_from_pb,
 )
-from spillway.configfile import read_secret
-from spillway.v1 import agent_pb2 as pb
+from scheduler.metrics import DelayHistogram
 
 if TYPE_CHECKING:
     from scheduler.policystore import PolicyStore
@@ -66,32 +66,6 @@ def lenient_decoder(cls: type[MessageT], max_bytes: int) -> Callable[[bytes], Me
             return Malformed(f"not a valid {cls.DESCRIPTOR.full_name}: {exc}")
 
     return decode
-
-
-class DelayHistogram:
-    """Seconds from a report's ``sent_at`` (the agent's clock) to its arrival in fleet state.
-
-    Cumulative-bucket counts in the Prometheus style, kept by hand because this runs for every
-    report and needs no lock: it is only written from the event loop.
-    """
-
-    BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last one is +Inf
-        self.total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
-        self.total += seconds
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        """(upper bound, count of observations <= it), ending with +Inf."""
-        out, running = [], 0
-        for bound, count in zip((*map(str, self.BOUNDS), "+Inf"), self.counts, strict=True):
-            running += count
-            out.append((bound, running))
-        return out
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

@@ -1,9 +1,9 @@
-"""A fleet snapshot for placement and autoscaling: plain, frozen, and built once per decision.
+"""The fleet state as a snapshot for decisions (:mod:`decisions.fleetview`).
 
 :func:`snapshot_from_fleet` turns what :class:`scheduler.fleet.FleetState` knows (agent records
-with their health) into the few facts placement and autoscaling read: per agent its pool, where
-it runs, whether it is connected, which GPUs are free; per replica its deployment, state and
-load. The snapshot is a value: decisions made from it do not change when the fleet moves on.
+with their health) into the few facts placement, autoscaling and routing read: per agent its
+pool, where it runs, whether it is connected, which GPUs are free; per replica its deployment,
+state and load.
 
 No I/O and no clocks here; protobuf is converted to fleet records elsewhere (the CLI and the
 server), never in this module.
@@ -12,61 +12,11 @@ server), never in this module.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from decisions.fleetview import AgentView, FleetSnapshot, ReplicaView
 from providers.base import INSTANCE_TYPE_LABEL, KEY_LABEL
 from providers.catalog import Catalog
-from scheduler.fleet import AgentHealth, AgentRecord, ReplicaState
-
-
-@dataclass(frozen=True, slots=True)
-class AgentView:
-    agent_id: str
-    pool: str
-    provider: str
-    region: str
-    residency_group: str
-    connected: bool
-    gpus_total: int
-    #: Indices of GPUs that are healthy and held by no replica.
-    free_gpus: tuple[int, ...]
-    instance_type: str = ""
-    #: List price of the machine, USD per hour; 0 when unknown or owned.
-    usd_per_hour: float = 0.0
-    #: The launch key of the machine when Spillway rented it; empty otherwise.
-    key: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaView:
-    replica_id: str
-    deployment: str
-    agent_id: str
-    state: ReplicaState
-    running_requests: int = 0
-    queued_requests: int = 0
-    kv_cache_usage: float = 0.0
-
-    @property
-    def healthy(self) -> bool:
-        return self.state is ReplicaState.HEALTHY
-
-    @property
-    def leaving(self) -> bool:
-        """Draining, stopped or failed: not counted as capacity any more."""
-        return self.state in (ReplicaState.DRAINING, ReplicaState.STOPPED, ReplicaState.FAILED)
-
-
-@dataclass(frozen=True, slots=True)
-class FleetSnapshot:
-    agents: tuple[AgentView, ...]
-    replicas: tuple[ReplicaView, ...]
-
-    def agent(self, agent_id: str) -> AgentView | None:
-        for agent in self.agents:
-            if agent.agent_id == agent_id:
-                return agent
-        return None
+from scheduler.fleet import AgentHealth, AgentRecord
 
 
 def _price(catalog: Catalog | None, provider: str, instance_type: str, region: str) -> float:

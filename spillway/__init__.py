@@ -1,15 +1,13 @@
 """Spillway: a hybrid inference control plane.
 
-This package is the front door (the ``spillway`` command) and holds the generated gRPC stubs in
-``spillway.v1``. Keep it light: the agent imports it, so nothing here may pull in the scheduler,
-the cloud SDKs or Temporal.
+This package is the front door and the top of the import graph: the ``spillway`` command
+(:mod:`spillway.cli`, which imports each subcommand's code only when it runs), the processes it
+starts (:mod:`spillway.serve`: the scheduler with its control-plane worker, the agent with its
+node worker), and the demo. Nothing below imports it.
 """
 
 from __future__ import annotations
 
-from importlib import metadata
+from common import __version__
 
-try:
-    __version__ = metadata.version("spillway")
-except metadata.PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+source"
+__all__ = ["__version__"]

@@ -30,14 +30,14 @@ def _setup_logging(level: str) -> None:
 
 
 def _cmd_agent_run(args: argparse.Namespace) -> int:
-    from agent.main import run_agent
+    from spillway.serve.agent import run_agent
 
     asyncio.run(run_agent(args.config))
     return 0
 
 
 def _cmd_scheduler_run(args: argparse.Namespace) -> int:
-    from scheduler.main import run_scheduler
+    from spillway.serve.scheduler import run_scheduler
 
     asyncio.run(run_scheduler(args.config))
     return 0
@@ -141,7 +141,7 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
-    from scheduler.policy import check_policy
+    from decisions.policy import check_policy
 
     result = check_policy(args.file)
     for note in result.notes:
@@ -160,14 +160,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import grpc
 
     from agent.channel import read_token
+    from common.v1 import agent_pb2 as pb
+    from decisions.policy import load_policy
+    from decisions.preview import plan_lines
     from providers.catalog import default_catalog
     from scheduler.fleet import AgentHealth, AgentRecord
     from scheduler.messages import registration_from_pb, report_from_pb
-    from scheduler.plan import plan_lines
-    from scheduler.policy import load_policy
     from scheduler.snapshot import snapshot_from_fleet
     from spillway.status import fetch_fleet
-    from spillway.v1 import agent_pb2 as pb
 
     policy = load_policy(args.policy)
     if args.token_file is None:
@@ -199,9 +199,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from scheduler.policy import load_policy
-    from scheduler.simulate import load_settings, load_trace, simulate
-    from scheduler.simulate.report import table, verdict
+    from decisions.policy import load_policy
+    from simulator import load_settings, load_trace, simulate
+    from simulator.report import table, verdict
 
     policy = load_policy(args.policy)
     settings = load_settings(args.settings)
@@ -252,7 +252,7 @@ def _whole_number(minimum: int) -> Callable[[str], int]:
 
 
 def _cmd_policy_schema(args: argparse.Namespace) -> int:
-    from scheduler.policy import policy_schema
+    from decisions.policy import policy_schema
 
     print(json.dumps(policy_schema(), indent=2))
     return 0
@@ -437,10 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_input_error(exc: Exception) -> bool:
-    """Whether ``exc`` is a ``spillway.configfile.InputError``, without importing that module
+    """Whether ``exc`` is a ``common.configfile.InputError``, without importing that module
     (and pydantic with it) for commands that never read a config file, such as ``prefetch``,
     whose start-up time is part of every cold start."""
-    configfile = sys.modules.get("spillway.configfile")
+    configfile = sys.modules.get("common.configfile")
     return configfile is not None and isinstance(exc, configfile.InputError)
 
 

@@ -40,6 +40,7 @@ from rich.table import Table
 from rich.text import Text
 
 from agent.channel import read_token
+from common.v1 import agent_pb2 as pb
 from spillway.demo_setup import (
     AWS_ENV,
     DemoFiles,
@@ -50,7 +51,6 @@ from spillway.demo_setup import (
     write_demo_files,
 )
 from spillway.status import fetch_fleet, render
-from spillway.v1 import agent_pb2 as pb
 
 CLIENTS = {"chat-eu": 30, "summarize": 14}
 #: How long rented replicas serve the burst before the load stops.

@@ -12,8 +12,8 @@ from rich.text import Text
 
 from agent.channel import auth_metadata, open_channel
 from agent.config import ClientTls
-from spillway.v1 import agent_pb2 as pb
-from spillway.v1 import agent_pb2_grpc as pb_grpc
+from common.v1 import agent_pb2 as pb
+from common.v1 import agent_pb2_grpc as pb_grpc
 
 _REPLICA_STATE = {
     pb.REPLICA_STATE_UNSPECIFIED: "unknown",

@@ -29,6 +29,10 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 
+from decisions.fleetview import ReplicaState
+from decisions.planning import plan_step
+from decisions.plantypes import PlanInput, PlanOutput, Timeouts
+from decisions.policy import resolve_lock, spill_providers
 from providers.base import INSTANCE_TYPE_LABEL, KEY_LABEL, CapacityMemory, LaunchRequest, Provider
 from providers.catalog import Catalog
 from providers.errors import (
@@ -40,22 +44,17 @@ from providers.errors import (
     UnknownSkuError,
 )
 from scheduler.config import SpillSettings
-from scheduler.fleet import AgentHealth, FleetState, ReplicaState
-from scheduler.policy import resolve_lock, spill_providers
+from scheduler.fleet import AgentHealth, FleetState
 from scheduler.policystore import PolicyStore
 from scheduler.snapshot import snapshot_from_fleet
-from workflows.planning import plan_step
 from workflows.types import (
     FindMachinesInput,
     FindMachinesOutput,
     LaunchInput,
     LaunchOutput,
     ManagedMachine,
-    PlanInput,
-    PlanOutput,
     TerminateInput,
     TerminateOutput,
-    Timeouts,
     WaitAgentInput,
     WaitAgentOutput,
     WaitReplicaInput,

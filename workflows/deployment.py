@@ -25,18 +25,15 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
+    from decisions.plantypes import PendingReplica, PlanInput, PlanOutput, trim_samples
     from workflows.types import (
         DeploymentInput,
         DeploymentStatus,
-        PendingReplica,
-        PlanInput,
-        PlanOutput,
         PolicyChanged,
         ProvisionInput,
         ProvisionResult,
         ReleaseInput,
         ReleaseResult,
-        trim_samples,
     )
 
 #: Ticks per run before continuing as new (or sooner when Temporal suggests it).

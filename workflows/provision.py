@@ -25,6 +25,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 
 with workflow.unsafe.imports_passed_through():
+    from decisions.plantypes import Timeouts
     from workflows.types import (
         TRY_NEXT_OFFER,
         LaunchInput,
@@ -35,7 +36,6 @@ with workflow.unsafe.imports_passed_through():
         StartReplicaArgs,
         StopReplicaArgs,
         TerminateInput,
-        Timeouts,
         WaitAgentInput,
         WaitAgentOutput,
         WaitReplicaInput,

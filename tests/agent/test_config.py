@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from agent.config import load_agent_config
-from spillway.configfile import ConfigError
+from common.configfile import ConfigError
 from tests.conftest import write_yaml
 
 VALID: dict[str, Any] = {

@@ -7,7 +7,7 @@ import random
 from agent.gpus import GpuSample
 from agent.reporter import Backoff, build_report
 from agent.status import ReplicaState, ReplicaStatus
-from spillway.v1 import agent_pb2 as pb
+from common.v1 import agent_pb2 as pb
 
 
 def test_report_marks_gpus_held_by_replicas() -> None:

@@ -329,7 +329,7 @@ def test_the_readme_replica_example_is_a_valid_agent_config() -> None:
 
 def test_the_agent_config_refuses_a_gpu_given_to_two_replicas(tmp_path: Path) -> None:
     from agent.config import load_agent_config
-    from spillway.configfile import ConfigError
+    from common.configfile import ConfigError
     from tests.conftest import write_yaml
 
     base: dict[str, Any] = {

@@ -23,11 +23,12 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from agent.main import node_activities
 from agent.processes import start_time
 from agent.supervisor import Supervisor
 from agent.worker import NodeWorker
+from decisions.fleetview import ReplicaState
 from scheduler import fleet
+from spillway.serve.agent import node_activities
 from tests.agent.prefetch.faults import FaultyOrigin
 from tests.agent.test_supervisor import GPUS, WITHIN_S, settings
 from tests.conftest import SchedulerFactory, Tokens, eventually, write_yaml
@@ -290,7 +291,7 @@ async def test_a_start_survives_the_worker_being_killed(
             if record is None or record.report is None:
                 return None
             found = [r for r in record.report.replicas if r.replica_id == "r1"]
-            return found[0] if found and found[0].state is fleet.ReplicaState.HEALTHY else None
+            return found[0] if found and found[0].state is ReplicaState.HEALTHY else None
 
         await eventually(lambda: reported() is not None, within_s=WITHIN_S)
         replica = reported()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.configfile import ConfigError
 from scheduler.auth import Principal, TokenStore, add_token, hash_token
-from spillway.configfile import ConfigError
 
 
 def _bearer(token: str) -> list[tuple[str, str]]:

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from scheduler.policy import Policy
+from common.configfile import ConfigError
+from decisions.policy import Policy
 from scheduler.policystore import PolicyStore
-from spillway.configfile import ConfigError
 from tests.conftest import SchedulerFactory, write_yaml
 
 

@@ -18,11 +18,11 @@ from agent.channel import auth_metadata
 from agent.gpus import StaticInventory
 from agent.reporter import Reporter, build_registration, build_report
 from agent.status import ReplicaLoad, ReplicaState, ReplicaStatus
+from common.v1 import agent_pb2 as pb
+from common.v1 import agent_pb2_grpc as pb_grpc
 from scheduler.fleet import AgentHealth
 from scheduler.server import Scheduler
 from spillway.status import fetch_fleet
-from spillway.v1 import agent_pb2 as pb
-from spillway.v1 import agent_pb2_grpc as pb_grpc
 from tests.conftest import SchedulerFactory, Tokens, agent_config, eventually
 
 REPLICA = ReplicaStatus(

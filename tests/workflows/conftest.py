@@ -27,12 +27,13 @@ import httpx
 import pytest
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from decisions.fleetview import ReplicaState
 from scheduler.config import SchedulerConfig
-from scheduler.fleet import AgentHealth, ReplicaState
+from scheduler.fleet import AgentHealth
 from scheduler.server import Scheduler
+from spillway.serve.control_plane import ControlHost, start_control_plane
 from tests.conftest import Tokens, write_yaml
 from workflows.deployment import workflow_id
-from workflows.host import ControlHost, start_control_plane
 from workflows.sweeper import SWEEPER_ID
 
 

@@ -26,7 +26,7 @@ from temporalio.worker import (
     Interceptor,
 )
 
-from scheduler.main import run_scheduler
+from spillway.serve.scheduler import run_scheduler
 
 
 def _crash_if(point: str) -> None:

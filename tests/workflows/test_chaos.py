@@ -26,19 +26,14 @@ from typing import Any
 
 from temporalio.client import Client
 
+from decisions.plantypes import OfferChoice, ReplicaTemplate, Timeouts
 from providers.local import LocalProvider
 from tests.conftest import Tokens, write_yaml
 from tests.workflows.conftest import STAND_IN_RUNTIME, ec2_instances
 from tests.workflows.test_spill import spill_policy, upload_weights
 from workflows.deployment import workflow_id
 from workflows.sweeper import SWEEPER_ID
-from workflows.types import (
-    OfferChoice,
-    ProvisionInput,
-    ProvisionResult,
-    ReplicaTemplate,
-    Timeouts,
-)
+from workflows.types import ProvisionInput, ProvisionResult
 
 CRASH_POINTS = [
     "launch_instance:before",

@@ -21,6 +21,7 @@ from google.auth.credentials import AnonymousCredentials
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from decisions.plantypes import OfferChoice, ReplicaTemplate, Timeouts
 from providers.aws.adapter import AwsProvider
 from providers.azure import AzureProvider
 from providers.base import CapacityMemory, Provider
@@ -29,14 +30,14 @@ from providers.gcp.adapter import GcpProvider
 from scheduler.config import SpillSettings
 from scheduler.fleet import FleetState
 from scheduler.policystore import PolicyStore
+from spillway.serve.control_plane import WORKFLOWS
 from tests.conftest import write_yaml
 from tests.fakes.azure_compute import AzureFault, FakeArm
 from tests.fakes.gcp_compute import FakeCompute, Fault
 from tests.providers.test_azure import NETWORK, RG, SUB, StaticToken
 from tests.workflows.conftest import ec2_instances
 from workflows.activities import ControlActivities, ControlPlane
-from workflows.host import WORKFLOWS
-from workflows.types import OfferChoice, ProvisionInput, ProvisionResult, ReplicaTemplate, Timeouts
+from workflows.types import ProvisionInput, ProvisionResult
 
 PROJECT = "spillway-test"
 AWS = OfferChoice("aws", "p5.48xlarge", "eu-north-1", ["eu-north-1a", "eu-north-1b"], 57.79)

@@ -121,7 +121,7 @@ async def test_a_deployment_nothing_can_be_rented_for_is_reported_not_retried(
 
 
 async def _ticks_past(host: object, name: str, ticks: int) -> bool:
-    from workflows.host import ControlHost
+    from spillway.serve.control_plane import ControlHost
 
     assert isinstance(host, ControlHost)
     return (await host.status(name)).ticks >= ticks

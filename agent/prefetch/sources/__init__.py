@@ -7,22 +7,11 @@ extra can fetch over plain HTTP(S). Sources list and sign; they never download o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from agent.prefetch.errors import InvalidSourceError
 from agent.prefetch.model import RemoteObject
+from agent.prefetch.sources.base import SourceOptions
 
-SIGNED_URL_EXPIRY_S = 6 * 3600
-
-
-@dataclass
-class SourceOptions:
-    """How to reach the store. Empty fields fall back to the SDK's usual environment variables."""
-
-    files: list[str] = field(default_factory=list)
-    endpoint_url: str | None = None
-    azure_connection_string: str | None = None
-    expires_s: int = SIGNED_URL_EXPIRY_S
+__all__ = ["SourceOptions", "resolve"]
 
 
 def resolve(uri: str, options: SourceOptions | None = None) -> list[RemoteObject]:
@@ -50,27 +39,3 @@ def resolve(uri: str, options: SourceOptions | None = None) -> list[RemoteObject
             f"{uri!r}: expected s3://, gs://, az://, http:// or https:// followed by a path"
         )
     return sorted(objects, key=lambda o: (o.size, o.path))
-
-
-def split_bucket(uri: str) -> tuple[str, str]:
-    """``scheme://bucket/some/prefix`` -> (``bucket``, ``some/prefix``)."""
-    rest = uri.split("://", 1)[1]
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise InvalidSourceError(f"{uri!r}: no bucket or container name")
-    return bucket, prefix
-
-
-def relative_key(key: str, prefix: str) -> str:
-    """The path of ``key`` below ``prefix``; a prefix naming one object gives its base name."""
-    if key == prefix:
-        return key.rsplit("/", 1)[-1]
-    base = prefix if not prefix or prefix.endswith("/") else prefix + "/"
-    return key[len(base) :] if key.startswith(base) else key
-
-
-def require(module: str, extra: str) -> None:
-    raise InvalidSourceError(
-        f"the {module} package is needed for this source; install it with "
-        f"pip install 'spillway[{extra}]' or pip install {module}"
-    )

@@ -21,7 +21,7 @@ from agent.prefetch.errors import (
     TransferError,
 )
 from agent.prefetch.model import RemoteObject, safe_relpath
-from agent.prefetch.sources import SourceOptions, relative_key, require, split_bucket
+from agent.prefetch.sources.base import SourceOptions, relative_key, require, split_bucket
 
 
 def _connection_string(options: SourceOptions) -> str:

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from agent.prefetch.errors import AuthError, NotFoundError, PrefetchError, TransferError
 from agent.prefetch.model import RemoteObject, safe_relpath
-from agent.prefetch.sources import SourceOptions, relative_key, require, split_bucket
+from agent.prefetch.sources.base import SourceOptions, relative_key, require, split_bucket
 from agent.prefetch.verify import b64_to_hex
 
 PUBLIC_ENDPOINT = "https://storage.googleapis.com"

@@ -21,7 +21,7 @@ from agent.prefetch.errors import (
     TransferError,
 )
 from agent.prefetch.model import RemoteObject, safe_relpath
-from agent.prefetch.sources import SourceOptions
+from agent.prefetch.sources.base import SourceOptions
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE_TOTAL = re.compile(r"bytes \d+-\d+/(\d+)")

@@ -19,7 +19,7 @@ from agent.prefetch.errors import (
     TransferError,
 )
 from agent.prefetch.model import RemoteObject, safe_relpath
-from agent.prefetch.sources import SourceOptions, relative_key, require, split_bucket
+from agent.prefetch.sources.base import SourceOptions, relative_key, require, split_bucket
 
 _MD5 = re.compile(r"[0-9a-f]{32}")
 _AUTH_CODES = {

@@ -1,0 +1,260 @@
+"""What a simulation shows: a table, per-minute series, a PNG, JSON and per-request rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from simulator.cluster import REJECTED, RESERVED, SPILLED
+from simulator.probes import percentile
+from simulator.scenarios import SLO_SHARE, ScenarioResult
+
+BUCKET_S = 60.0
+OUTCOMES = {RESERVED: "reserved", SPILLED: "rented", REJECTED: "rejected"}
+
+
+def series(result: ScenarioResult, bucket_s: float = BUCKET_S) -> dict[str, list[Any]]:
+    """Per-bucket demand, capacity and latency of one scenario."""
+    c = result.cluster
+    buckets = max(1, math.ceil(c.horizon / bucket_s))
+    arrivals = [0] * buckets
+    ttfts: list[list[float]] = [[] for _ in range(buckets)]
+    for i, at in enumerate(c.trace.arrivals):
+        b = min(buckets - 1, int(at // bucket_s))
+        arrivals[b] += 1
+        if c.outcome[i] in (RESERVED, SPILLED):
+            ttfts[b].append(c.ttft[i])
+    reserved = [0] * buckets
+    rented = [0] * buckets
+    spilled = [0] * buckets
+    seen = [False] * buckets
+    for tick in c.ticks:  # the last tick of each bucket stands for it
+        b = min(buckets - 1, int(tick.at // bucket_s))
+        reserved[b], spilled[b], rented[b] = tick.reserved, tick.spilled, tick.rented
+        seen[b] = True
+    for b in range(1, buckets):  # a bucket without a tick keeps the state before it
+        if not seen[b]:
+            reserved[b], spilled[b], rented[b] = reserved[b - 1], spilled[b - 1], rented[b - 1]
+    p50, p99 = [], []
+    for values in ttfts:
+        values.sort()
+        p50.append(_round(percentile(values, 50)))
+        p99.append(_round(percentile(values, 99)))
+    return {
+        "t_s": [b * bucket_s for b in range(buckets)],
+        "requests_per_s": [n / bucket_s for n in arrivals],
+        "reserved_replicas": reserved,
+        "rented_replicas": spilled,
+        "rented_machines": rented,
+        "ttft_p50_s": p50,
+        "ttft_p99_s": p99,
+    }
+
+
+def _round(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 4)
+
+
+def comparison(
+    summaries: Mapping[str, dict[str, Any]], slo_share: float = SLO_SHARE
+) -> dict[str, Any]:
+    """Which scenarios hold the SLO, which of those is cheapest, and the ratios to the policy."""
+    holding = {name: s for name, s in summaries.items() if s["slo_attainment"] >= slo_share - 1e-12}
+    cheapest = min(holding, key=lambda n: holding[n]["cost_usd"]["total"]) if holding else None
+    policy = summaries.get("policy")
+    ratios = {}
+    if policy is not None and policy["cost_usd"]["total"] > 0:
+        for name, s in summaries.items():
+            ratios[name] = s["cost_usd"]["total"] / policy["cost_usd"]["total"]
+    runner_up = None
+    saving = None
+    if cheapest is not None:
+        others = {n: s["cost_usd"]["total"] for n, s in holding.items() if n != cheapest}
+        if others:
+            runner_up = min(others, key=lambda n: others[n])
+            if others[runner_up] > 0:
+                saving = 1 - holding[cheapest]["cost_usd"]["total"] / others[runner_up]
+    return {
+        "slo_share": slo_share,
+        "holding_slo": sorted(holding),
+        "cheapest_holding_slo": cheapest,
+        "next_cheapest_holding_slo": runner_up,
+        #: What the cheapest saves against the next cheapest that also holds (0.4: 40% less).
+        "saving_vs_next": saving,
+        "cost_vs_policy": ratios,
+    }
+
+
+def verdict(c: Mapping[str, Any]) -> str:
+    """One line from :func:`comparison`: the cheapest scenario that holds, and by how much."""
+    cheapest = c["cheapest_holding_slo"]
+    share = f"{c['slo_share'] * 100:g}%"
+    if cheapest is None:
+        return f"no scenario kept {share} of requests within the TTFT target"
+    line = f"cheapest scenario keeping {share} of requests within the TTFT target: {cheapest}"
+    saving, runner_up = c["saving_vs_next"], c["next_cheapest_holding_slo"]
+    if saving is not None and saving < 0.0005:
+        line += f" ({runner_up} costs the same)"
+    elif saving is not None:
+        line += f", {saving * 100:.1f}% less than the next, {runner_up}"
+    return line
+
+
+def table(summaries: Mapping[str, dict[str, Any]], title: str) -> Table:
+    out = Table(title=title)
+    columns = (
+        "scenario",
+        "TTFT p50",
+        "TTFT p99",
+        "E2E p99",
+        "SLO met",
+        "reserved $",
+        "rented $",
+        "total $",
+        "$/M out tok",
+        "x policy",
+        "res. util",
+        "spills",
+        "rejected",
+    )
+    for index, column in enumerate(columns):
+        out.add_column(column, justify="left" if index == 0 else "right")
+    policy_total = summaries.get("policy", {}).get("cost_usd", {}).get("total")
+    for name, s in summaries.items():
+        cost = s["cost_usd"]
+        util = s["reserved_utilization"]
+        per_m = s["usd_per_million_output_tokens"]
+        out.add_row(
+            name,
+            _seconds(s["ttft_s"]["p50"]),
+            _seconds(s["ttft_s"]["p99"]),
+            _seconds(s["e2e_s"]["p99"]),
+            f"{s['slo_attainment'] * 100:.2f}%",
+            f"{cost['reserved']:,.2f}",
+            f"{cost['rented']:,.2f}",
+            f"{cost['total']:,.2f}",
+            "-" if per_m is None else f"{per_m:,.2f}",
+            f"{cost['total'] / policy_total:.2f}" if policy_total else "-",
+            "-" if util is None else f"{util * 100:.0f}%",
+            str(s["spill_episodes"]["count"]),
+            str(s["rejected"]),
+        )
+    return out
+
+
+def _seconds(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}s"
+
+
+def write_requests(path: Path, results: Sequence[ScenarioResult]) -> None:
+    """One row per request and scenario: when it came, what it asked, how it went."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            [
+                "scenario",
+                "request",
+                "arrival_s",
+                "input_tokens",
+                "output_tokens",
+                "outcome",
+                "ttft_s",
+                "e2e_s",
+            ]
+        )
+        for result in results:
+            c = result.cluster
+            t = c.trace
+            for i in range(len(t)):
+                outcome = c.outcome[i]
+                served = outcome in (RESERVED, SPILLED)
+                writer.writerow(
+                    [
+                        result.name,
+                        i,
+                        f"{t.arrivals[i]:.4f}",
+                        t.input_tokens[i],
+                        t.output_tokens[i],
+                        OUTCOMES.get(outcome, "lost"),
+                        f"{c.ttft[i]:.4f}" if served else "",
+                        f"{c.e2e[i]:.4f}" if served else "",
+                    ]
+                )
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, allow_nan=False, default=_plain) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def plot(
+    path: Path,
+    all_series: Mapping[str, dict[str, list[Any]]],
+    results: Mapping[str, ScenarioResult],
+    slo_s: float,
+    title: str,
+) -> None:
+    """Demand, capacity (reserved and rented) with spill events, and TTFT percentiles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(12, 9), sharex=True, constrained_layout=True)
+    demand, capacity, latency = axes
+    first = next(iter(all_series.values()))
+    hours = [t / 3600 for t in first["t_s"]]
+    demand.plot(hours, first["requests_per_s"], color="black", linewidth=0.8)
+    demand.set_ylabel("requests/s")
+    demand.set_title(title)
+    colours = {"reserved-only": "tab:blue", "on-demand": "tab:orange", "policy": "tab:green"}
+    policy = all_series.get("policy")
+    if policy is not None:
+        capacity.stackplot(
+            hours,
+            policy["reserved_replicas"],
+            policy["rented_replicas"],
+            labels=["policy: reserved replicas", "policy: rented replicas"],
+            colors=["#9ecae1", "#a1d99b"],
+            step="post",
+        )
+        launches = [e.at / 3600 for e in results["policy"].cluster.events if e.kind == "launch"]
+        for at in launches:
+            capacity.axvline(at, color="tab:red", linewidth=0.6, alpha=0.6)
+        if launches:
+            capacity.plot([], [], color="tab:red", linewidth=0.6, label="policy: machine rented")
+    on_demand = all_series.get("on-demand")
+    if on_demand is not None:
+        capacity.step(
+            hours,
+            on_demand["rented_replicas"],
+            where="post",
+            color=colours["on-demand"],
+            label="on-demand: replicas",
+        )
+    capacity.set_ylabel("replicas serving")
+    capacity.legend(loc="upper left", fontsize=8)
+    for name, data in all_series.items():
+        colour = colours.get(name)
+        p99 = [math.nan if v is None else v for v in data["ttft_p99_s"]]
+        p50 = [math.nan if v is None else v for v in data["ttft_p50_s"]]
+        latency.plot(hours, p99, color=colour, linewidth=1.0, label=f"{name} p99")
+        latency.plot(hours, p50, color=colour, linewidth=0.8, linestyle=":", label=f"{name} p50")
+    latency.axhline(slo_s, color="black", linestyle="--", linewidth=0.8, label="TTFT target")
+    latency.set_yscale("log")
+    latency.set_ylabel("time to first token (s)")
+    latency.set_xlabel("hours")
+    latency.legend(loc="upper left", fontsize=8, ncol=4)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

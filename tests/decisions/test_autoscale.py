@@ -1,0 +1,56 @@
+"""Autoscaling decisions: windows, hysteresis, bounded steps, bounds."""
+
+from __future__ import annotations
+
+import pytest
+
+from decisions.autoscale import Sample, decide
+from decisions.policy import Deployment
+
+DEP = Deployment.model_validate(
+    {
+        "model": "m",
+        "weights": "s3://b/m",
+        "sku": "H100-80GB",
+        "gpus": 8,
+        "pools": ["p"],
+        "min_replicas": 1,
+        "max_replicas": 5,
+        "autoscaling": {"target": 4, "scale_down_below": 1, "max_step_up": 2},
+        "spillover": {"scale_up_window_s": 60, "cool_down_s": 300},
+    }
+)
+
+
+def flat(value: float, start: float, end: float) -> list[Sample]:
+    return [Sample(float(t), value) for t in range(int(start), int(end) + 1, 10)]
+
+
+@pytest.mark.parametrize(
+    ("samples", "current", "last", "desired"),
+    [
+        (flat(10, 0, 100), 2, None, 4),  # sustained: +2, bounded by max_step_up
+        (flat(10, 60, 100), 2, None, 2),  # saturated only 40 s of the 60 s window
+        (flat(10, 0, 100), 2, 70.0, 2),  # changed 30 s ago: wait a whole window
+        (flat(2, 0, 400), 3, None, 3),  # inside the hysteresis band
+        (flat(0.5, 0, 400), 3, None, 2),  # quiet for the cool-down: -1
+        (flat(0.5, 200, 400), 3, None, 3),  # quiet, but not for the whole cool-down
+        (flat(0.5, 0, 400), 1, None, 1),  # never below min
+        (flat(10, 0, 100), 5, None, 5),  # never above max
+        ([], 0, None, 1),  # below min: raised
+    ],
+)
+def test_decisions(samples: list[Sample], current: int, last: float | None, desired: int) -> None:
+    now = samples[-1].at if samples else 0.0
+    decision = decide("chat", DEP, current, samples, now, last)
+    assert decision.desired == desired, decision.reason
+    assert decision.reason
+
+
+def test_samples_a_window_apart_need_the_opening_one_saturated_too() -> None:
+    """Samples as far apart as the window: the one at the window's start is what shows the
+    signal already held then; a single saturated sample after a calm one is not a window."""
+    calm_then_busy = [Sample(39.5, 1.0), Sample(100.0, 10.0)]
+    assert decide("d", DEP, 2, calm_then_busy, now=100.0).desired == 2
+    busy_twice = [Sample(39.5, 10.0), Sample(100.0, 10.0)]
+    assert decide("d", DEP, 2, busy_twice, now=100.0).desired == 4

@@ -1,0 +1,146 @@
+"""The policy file: the example is valid, and every mistake is reported with its line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.configfile import ConfigError
+from decisions.policy import check_policy, load_policy, policy_schema
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "policy.yaml"
+
+
+def test_example_policy_is_valid() -> None:
+    policy = load_policy(EXAMPLE)
+    assert list(policy.deployments) == ["chat-eu", "summarize"]
+    assert policy.deployments["chat-eu"].spillover.residency == "eu"
+    assert policy.deployments["summarize"].spillover.residency is None
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """\
+credentials:
+  aws: {profile: spillway}
+deployments:
+  chat:
+    model: m
+    weights: s3://bucket/m/
+    sku: H100-80GB
+    gpus: 8
+    pools: [reserved-eu]
+    max_replicas: 4
+    autoscaling: {target: 4}
+    spillover: {enabled: true, providers: [aws], residency: eu, max_spilled_replicas: 2}
+"""
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "sku: H100-80GB",
+            "sku: H999",
+            ":7: deployments.chat.sku: unknown SKU 'H999'; "
+            "the catalog has A100-80GB, A10G, H100-80GB, H200, L4, L40S",
+        ),
+        (
+            "max_replicas: 4",
+            "max_replicas: 4\n    min_replicas: 5",
+            ":4: deployments.chat: min_replicas (5) is above max_replicas (4)",
+        ),
+        (
+            "residency: eu",
+            "residency: me",
+            ":12: deployments.chat.spillover.residency: "
+            "no region of residency group 'me' sells 8x H100-80GB on aws",
+        ),
+        (
+            "residency: eu",
+            "residency: mars",
+            ":12: deployments.chat.spillover.residency: unknown residency group 'mars'",
+        ),
+        (
+            "gpus: 8",
+            "gpus: 3",
+            ":8: deployments.chat.gpus: "
+            "clouds sell H100-80GB in machines of 1, 8 GPUs; a spilled replica of 3 must fit one",
+        ),
+        (
+            "profile: spillway",
+            "aws_secret_access_key: abc",
+            ":2: credentials.aws: aws_secret_access_key: secrets may not be written",
+        ),
+        (
+            "profile: spillway",
+            "env: [AKIAABCDEFGHIJKLMNOP]",
+            ":2: credentials.aws.env.0: this looks like an AWS access key id",
+        ),
+        ("model: m", "model: m\n    colour: blue", ":6: deployments.chat.colour: unknown field"),
+    ],
+)
+def test_each_mistake_is_reported_with_line_and_field(
+    tmp_path: Path, old: str, new: str, expected: str
+) -> None:
+    assert old in BASE
+    path = _write(tmp_path, BASE.replace(old, new))
+    result = check_policy(path)
+    assert result.policy is None
+    assert any(
+        expected.split(":", 2)[2] in e and e.startswith(f"{path}{expected.split(' ')[0]}")
+        for e in result.errors
+    ), result.errors
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    text = BASE.replace("sku: H100-80GB", "sku: H999").replace(
+        "model: m", "model: m\n    colour: x"
+    )
+    result = check_policy(_write(tmp_path, text))
+    assert len(result.errors) == 2
+    assert "colour" in result.errors[0] and "H999" in result.errors[1]
+    with pytest.raises(ConfigError):
+        load_policy(tmp_path / "policy.yaml")
+
+
+def test_shared_pool_is_a_note_not_an_error(tmp_path: Path) -> None:
+    data = yaml.safe_load(BASE)
+    data["deployments"]["other"] = dict(data["deployments"]["chat"])
+    result = check_policy(_write(tmp_path, yaml.safe_dump(data, sort_keys=False)))
+    assert result.errors == []
+    assert result.policy is not None
+    assert len(result.notes) == 1
+    assert "pool 'reserved-eu' serves chat, other" in result.notes[0]
+
+
+def test_group_named_like_catalog_group_may_only_narrow_it(tmp_path: Path) -> None:
+    text = "residency_groups:\n  eu: {aws: [us-east-1]}\n" + BASE
+    result = check_policy(_write(tmp_path, text))
+    assert any(
+        ":2: residency_groups.eu.aws.0: aws us-east-1 is in the catalog's residency group 'us'" in e
+        for e in result.errors
+    ), result.errors
+
+
+def test_schema_names_the_fields() -> None:
+    schema = policy_schema()
+    assert "deployments" in schema["properties"]
+    assert "Deployment" in schema["$defs"]
+
+
+def test_cli_check_and_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from spillway.cli import main
+
+    assert main(["policy", "check", str(EXAMPLE)]) == 0
+    bad = _write(tmp_path, BASE.replace("sku: H100-80GB", "sku: H999"))
+    assert main(["policy", "check", str(bad)]) == 2
+    assert f"{bad}:7: deployments.chat.sku: unknown SKU" in capsys.readouterr().err
+    assert main(["policy", "schema"]) == 0
+    assert '"deployments"' in capsys.readouterr().out

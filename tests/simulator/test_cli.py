@@ -1,0 +1,102 @@
+"""``spillway simulate`` from the command line: outputs, JSON, and bad input (exit 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from simulator import load_trace
+from spillway.cli import main
+from tests.simulator.conftest import bursty_trace, policy
+
+
+def write_inputs(tmp_path: Path, minutes: int = 10) -> tuple[Path, Path]:
+    trace = bursty_trace(minutes=minutes)
+    csv_path = tmp_path / "trace.csv"
+    lines = ["timestamp,input_tokens,output_tokens"]
+    lines += [
+        f"{trace.arrivals[i]:.3f},{trace.input_tokens[i]},{trace.output_tokens[i]}"
+        for i in range(len(trace))
+    ]
+    csv_path.write_text("\n".join(lines) + "\n")
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(yaml.safe_dump(policy().model_dump(mode="json", exclude_none=True)))
+    (tmp_path / "sim.yaml").write_text("probe_requests: 2000\n")
+    return csv_path, policy_path
+
+
+def settings_args(tmp_path: Path) -> list[str]:
+    return ["--settings", str(tmp_path / "sim.yaml")]
+
+
+def test_table_and_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace, pol = write_inputs(tmp_path)
+    out = tmp_path / "out"
+    code = main(
+        [
+            "simulate",
+            "--trace",
+            str(trace),
+            "--policy",
+            str(pol),
+            "--reserved",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0
+    for name in ("reserved-only", "on-demand", "policy", "cheapest scenario"):
+        assert name in printed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "requests.csv",
+        "simulation.json",
+        "simulation.png",
+    ]
+    data = json.loads((out / "simulation.json").read_text())
+    assert data["reserved"]["machines"] == 2
+    assert set(data["scenarios"]) == {"reserved-only", "on-demand", "policy"}
+
+
+def test_json_with_a_stretched_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace, pol = write_inputs(tmp_path, minutes=5)
+    args = ["simulate", "--trace", str(trace), "--policy", str(pol), "--json", "--no-png"]
+    args += ["--loops", "2", "--time-scale", "2", "--seed", "4", "--out", str(tmp_path / "o")]
+    args += settings_args(tmp_path)
+    assert main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["trace"]["requests"] == 2 * len(bursty_trace(minutes=5))
+    assert data["trace"]["duration_s"] == pytest.approx(2 * 2 * load_trace(trace).duration_s)
+    assert not (tmp_path / "o" / "simulation.png").exists()
+
+
+def test_bad_inputs_exit_2_naming_the_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace, pol = write_inputs(tmp_path, minutes=2)
+    with trace.open("a") as handle:
+        handle.write("99999,many,3\n")
+    assert main(["simulate", "--trace", str(trace), "--policy", str(pol)]) == 2
+    err = capsys.readouterr().err
+    assert f"{trace}:" in err and "input_tokens: expected a whole number" in err
+
+    trace, pol = write_inputs(tmp_path, minutes=2)
+    code = main(["simulate", "--trace", str(trace), "--policy", str(pol), "--deployment", "x"])
+    assert code == 2
+    assert "no deployment 'x' in the policy; it has chat" in capsys.readouterr().err
+
+    pol.write_text("deployments: {chat: {model: m}}\n")
+    assert main(["simulate", "--trace", str(trace), "--policy", str(pol)]) == 2
+    assert f"{pol}:1" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as caught:
+        main(["simulate", "--trace", str(trace), "--policy", str(pol), "--time-scale", "0"])
+    assert caught.value.code == 2
+    with pytest.raises(SystemExit) as caught:
+        main(["simulate", "--trace", str(trace), "--policy", str(pol), "--reserved", "-1"])
+    assert caught.value.code == 2
+    assert "expected a whole number of 0 or more, got -1" in capsys.readouterr().err
