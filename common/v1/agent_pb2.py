@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17spillway/v1/agent.proto\x12\x0bspillway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x01\n\x0b\x41gentLabels\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x17\n\x0fresidency_group\x18\x05 \x01(\t\x12\x13\n\x0binstance_id\x18\x06 \x01(\t\x12\x32\n\x05\x65xtra\x18\x07 \x03(\x0b\x32#.spillway.v1.AgentLabels.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\"\xbe\x01\n\x0fRegisterRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12(\n\x06labels\x18\x03 \x01(\x0b\x32\x18.spillway.v1.AgentLabels\x12\x1e\n\x04gpus\x18\x04 \x03(\x0b\x32\x10.spillway.v1.Gpu\x12\x12\n\ngpu_source\x18\x05 \x01(\t\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x12\n\ntask_queue\x18\x07 \x01(\t\"b\n\x10RegisterResponse\x12\x32\n\x0freport_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12scheduler_instance\x18\x02 \x01(\t\"n\n\x08GpuState\x12\r\n\x05index\x18\x01 \x01(\r\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x04\x12\x13\n\x0butilization\x18\x03 \x01(\x01\x12\x12\n\nreplica_id\x18\x04 \x01(\t\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\"\x96\x01\n\x0bReplicaLoad\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12$\n\x1cgeneration_tokens_per_second\x18\x04 \x01(\x01\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\x05 \x01(\x01\"\x9e\x02\n\x07Replica\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07runtime\x18\x04 \x01(\t\x12\x0c\n\x04port\x18\x05 \x01(\r\x12\x13\n\x0bgpu_indices\x18\x06 \x03(\r\x12(\n\x05state\x18\x07 \x01(\x0e\x32\x19.spillway.v1.ReplicaState\x12\x14\n\x0cstate_reason\x18\x08 \x01(\t\x12&\n\x04load\x18\t \x01(\x0b\x32\x18.spillway.v1.ReplicaLoad\x12\x10\n\x08restarts\x18\n \x01(\r\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xae\x01\n\x0e\x43\x61pacityReport\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12+\n\x07sent_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x04gpus\x18\x04 \x03(\x0b\x32\x15.spillway.v1.GpuState\x12&\n\x08replicas\x18\x05 \x03(\x0b\x32\x14.spillway.v1.Replica\"Q\n\tReportAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x32\n\x0freport_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x11\n\x0fGetFleetRequest\"\x9e\x02\n\x0b\x41gentStatus\x12\x32\n\x0cregistration\x18\x01 \x01(\x0b\x32\x1c.spillway.v1.RegisterRequest\x12(\n\x06health\x18\x02 \x01(\x0e\x32\x18.spillway.v1.AgentHealth\x12\x31\n\rregistered_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_report_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0blast_report\x18\x05 \x01(\x0b\x32\x1b.spillway.v1.CapacityReport\x12\x18\n\x10reports_received\x18\x06 \x01(\x04\"\xbe\x01\n\x10GetFleetResponse\x12(\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x18.spillway.v1.AgentStatus\x12\x32\n\x0freport_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12scheduler_instance\x18\x03 \x01(\t\x12\x30\n\x0cgenerated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xd6\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x01\x12\x19\n\x15REPLICA_STATE_HEALTHY\x10\x02\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x03\x12\x1f\n\x1bREPLICA_STATE_CRASH_LOOPING\x10\x04\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x05\x12\x19\n\x15REPLICA_STATE_STOPPED\x10\x06*_\n\x0b\x41gentHealth\x12\x1c\n\x18\x41GENT_HEALTH_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41GENT_HEALTH_CONNECTED\x10\x01\x12\x16\n\x12\x41GENT_HEALTH_STALE\x10\x02\x32\x9a\x01\n\x0c\x41gentService\x12G\n\x08Register\x12\x1c.spillway.v1.RegisterRequest\x1a\x1d.spillway.v1.RegisterResponse\x12\x41\n\x06Report\x12\x1b.spillway.v1.CapacityReport\x1a\x16.spillway.v1.ReportAck(\x01\x30\x01\x32W\n\x0c\x46leetService\x12G\n\x08GetFleet\x12\x1c.spillway.v1.GetFleetRequest\x1a\x1d.spillway.v1.GetFleetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17spillway/v1/agent.proto\x12\x0bspillway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x01\n\x0b\x41gentLabels\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x17\n\x0fresidency_group\x18\x05 \x01(\t\x12\x13\n\x0binstance_id\x18\x06 \x01(\t\x12\x32\n\x05\x65xtra\x18\x07 \x03(\x0b\x32#.spillway.v1.AgentLabels.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\"\xd6\x01\n\x0fRegisterRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12(\n\x06labels\x18\x03 \x01(\x0b\x32\x18.spillway.v1.AgentLabels\x12\x1e\n\x04gpus\x18\x04 \x03(\x0b\x32\x10.spillway.v1.Gpu\x12\x12\n\ngpu_source\x18\x05 \x01(\t\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x12\n\ntask_queue\x18\x07 \x01(\t\x12\x16\n\x0e\x61\x64vertise_host\x18\x08 \x01(\t\"b\n\x10RegisterResponse\x12\x32\n\x0freport_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12scheduler_instance\x18\x02 \x01(\t\"n\n\x08GpuState\x12\r\n\x05index\x18\x01 \x01(\r\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x04\x12\x13\n\x0butilization\x18\x03 \x01(\x01\x12\x12\n\nreplica_id\x18\x04 \x01(\t\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\"\xb4\x01\n\x0bReplicaLoad\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12$\n\x1cgeneration_tokens_per_second\x18\x04 \x01(\x01\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\x05 \x01(\x01\x12\x1c\n\x14max_running_requests\x18\x06 \x01(\r\"\x9e\x02\n\x07Replica\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07runtime\x18\x04 \x01(\t\x12\x0c\n\x04port\x18\x05 \x01(\r\x12\x13\n\x0bgpu_indices\x18\x06 \x03(\r\x12(\n\x05state\x18\x07 \x01(\x0e\x32\x19.spillway.v1.ReplicaState\x12\x14\n\x0cstate_reason\x18\x08 \x01(\t\x12&\n\x04load\x18\t \x01(\x0b\x32\x18.spillway.v1.ReplicaLoad\x12\x10\n\x08restarts\x18\n \x01(\r\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xae\x01\n\x0e\x43\x61pacityReport\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12+\n\x07sent_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x04gpus\x18\x04 \x03(\x0b\x32\x15.spillway.v1.GpuState\x12&\n\x08replicas\x18\x05 \x03(\x0b\x32\x14.spillway.v1.Replica\"Q\n\tReportAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x32\n\x0freport_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x11\n\x0fGetFleetRequest\"\x9e\x02\n\x0b\x41gentStatus\x12\x32\n\x0cregistration\x18\x01 \x01(\x0b\x32\x1c.spillway.v1.RegisterRequest\x12(\n\x06health\x18\x02 \x01(\x0e\x32\x18.spillway.v1.AgentHealth\x12\x31\n\rregistered_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_report_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0blast_report\x18\x05 \x01(\x0b\x32\x1b.spillway.v1.CapacityReport\x12\x18\n\x10reports_received\x18\x06 \x01(\x04\"\xec\x01\n\x10GetFleetResponse\x12(\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x18.spillway.v1.AgentStatus\x12\x32\n\x0freport_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12scheduler_instance\x18\x03 \x01(\t\x12\x30\n\x0cgenerated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08gateways\x18\x05 \x03(\x0b\x32\x1a.spillway.v1.GatewayStatus\"q\n\rGatewayStatus\x12/\n\x0blast_report\x18\x01 \x01(\x0b\x32\x1a.spillway.v1.GatewayReport\x12/\n\x0breceived_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x11WatchFleetRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"\xab\x02\n\x0fRoutableReplica\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x0c\n\x04port\x18\x05 \x01(\r\x12\x0c\n\x04pool\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\x0e\n\x06region\x18\x08 \x01(\t\x12\x17\n\x0fresidency_group\x18\t \x01(\t\x12(\n\x05state\x18\n \x01(\x0e\x32\x19.spillway.v1.ReplicaState\x12\x18\n\x10running_requests\x18\x0b \x01(\r\x12\x17\n\x0fqueued_requests\x18\x0c \x01(\r\x12\x1c\n\x14max_running_requests\x18\r \x01(\r\"\xc1\x01\n\rRoutableFleet\x12.\n\x08replicas\x18\x01 \x03(\x0b\x32\x1c.spillway.v1.RoutableReplica\x12\x32\n\x0freport_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12scheduler_instance\x18\x03 \x01(\t\x12\x30\n\x0cgenerated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Z\n\x0bTierTraffic\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x04\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x04\x12\x15\n\routput_tokens\x18\x04 \x01(\x04\"\xa0\x02\n\x11\x44\x65ploymentTraffic\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12\x17\n\x0foldest_queued_s\x18\x03 \x01(\x01\x12?\n\tin_flight\x18\x04 \x03(\x0b\x32,.spillway.v1.DeploymentTraffic.InFlightEntry\x12\'\n\x05tiers\x18\x05 \x03(\x0b\x32\x18.spillway.v1.TierTraffic\x12\x1d\n\x15overflow_tokens_per_s\x18\x06 \x01(\x01\x12\x0f\n\x07refused\x18\x07 \x01(\x04\x1a/\n\rInFlightEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x85\x01\n\rGatewayReport\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0b\x64\x65ployments\x18\x03 \x03(\x0b\x32\x1e.spillway.v1.DeploymentTraffic\"F\n\x10GatewayReportAck\x12\x32\n\x0freport_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration*\xd6\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x01\x12\x19\n\x15REPLICA_STATE_HEALTHY\x10\x02\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x03\x12\x1f\n\x1bREPLICA_STATE_CRASH_LOOPING\x10\x04\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x05\x12\x19\n\x15REPLICA_STATE_STOPPED\x10\x06*_\n\x0b\x41gentHealth\x12\x1c\n\x18\x41GENT_HEALTH_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41GENT_HEALTH_CONNECTED\x10\x01\x12\x16\n\x12\x41GENT_HEALTH_STALE\x10\x02\x32\x9a\x01\n\x0c\x41gentService\x12G\n\x08Register\x12\x1c.spillway.v1.RegisterRequest\x1a\x1d.spillway.v1.RegisterResponse\x12\x41\n\x06Report\x12\x1b.spillway.v1.CapacityReport\x1a\x16.spillway.v1.ReportAck(\x01\x30\x01\x32W\n\x0c\x46leetService\x12G\n\x08GetFleet\x12\x1c.spillway.v1.GetFleetRequest\x1a\x1d.spillway.v1.GetFleetResponse2\xa8\x01\n\x0eGatewayService\x12J\n\nWatchFleet\x12\x1e.spillway.v1.WatchFleetRequest\x1a\x1a.spillway.v1.RoutableFleet0\x01\x12J\n\rReportTraffic\x12\x1a.spillway.v1.GatewayReport\x1a\x1d.spillway.v1.GatewayReportAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AGENTLABELS_EXTRAENTRY']._loaded_options = None
   _globals['_AGENTLABELS_EXTRAENTRY']._serialized_options = b'8\001'
-  _globals['_REPLICASTATE']._serialized_start=2015
-  _globals['_REPLICASTATE']._serialized_end=2229
-  _globals['_AGENTHEALTH']._serialized_start=2231
-  _globals['_AGENTHEALTH']._serialized_end=2326
+  _globals['_DEPLOYMENTTRAFFIC_INFLIGHTENTRY']._loaded_options = None
+  _globals['_DEPLOYMENTTRAFFIC_INFLIGHTENTRY']._serialized_options = b'8\001'
+  _globals['_REPLICASTATE']._serialized_start=3360
+  _globals['_REPLICASTATE']._serialized_end=3574
+  _globals['_AGENTHEALTH']._serialized_start=3576
+  _globals['_AGENTHEALTH']._serialized_end=3671
   _globals['_AGENTLABELS']._serialized_start=106
   _globals['_AGENTLABELS']._serialized_end=325
   _globals['_AGENTLABELS_EXTRAENTRY']._serialized_start=281
@@ -46,27 +48,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GPU']._serialized_start=327
   _globals['_GPU']._serialized_end=404
   _globals['_REGISTERREQUEST']._serialized_start=407
-  _globals['_REGISTERREQUEST']._serialized_end=597
-  _globals['_REGISTERRESPONSE']._serialized_start=599
-  _globals['_REGISTERRESPONSE']._serialized_end=697
-  _globals['_GPUSTATE']._serialized_start=699
-  _globals['_GPUSTATE']._serialized_end=809
-  _globals['_REPLICALOAD']._serialized_start=812
-  _globals['_REPLICALOAD']._serialized_end=962
-  _globals['_REPLICA']._serialized_start=965
-  _globals['_REPLICA']._serialized_end=1251
-  _globals['_CAPACITYREPORT']._serialized_start=1254
-  _globals['_CAPACITYREPORT']._serialized_end=1428
-  _globals['_REPORTACK']._serialized_start=1430
-  _globals['_REPORTACK']._serialized_end=1511
-  _globals['_GETFLEETREQUEST']._serialized_start=1513
-  _globals['_GETFLEETREQUEST']._serialized_end=1530
-  _globals['_AGENTSTATUS']._serialized_start=1533
-  _globals['_AGENTSTATUS']._serialized_end=1819
-  _globals['_GETFLEETRESPONSE']._serialized_start=1822
-  _globals['_GETFLEETRESPONSE']._serialized_end=2012
-  _globals['_AGENTSERVICE']._serialized_start=2329
-  _globals['_AGENTSERVICE']._serialized_end=2483
-  _globals['_FLEETSERVICE']._serialized_start=2485
-  _globals['_FLEETSERVICE']._serialized_end=2572
+  _globals['_REGISTERREQUEST']._serialized_end=621
+  _globals['_REGISTERRESPONSE']._serialized_start=623
+  _globals['_REGISTERRESPONSE']._serialized_end=721
+  _globals['_GPUSTATE']._serialized_start=723
+  _globals['_GPUSTATE']._serialized_end=833
+  _globals['_REPLICALOAD']._serialized_start=836
+  _globals['_REPLICALOAD']._serialized_end=1016
+  _globals['_REPLICA']._serialized_start=1019
+  _globals['_REPLICA']._serialized_end=1305
+  _globals['_CAPACITYREPORT']._serialized_start=1308
+  _globals['_CAPACITYREPORT']._serialized_end=1482
+  _globals['_REPORTACK']._serialized_start=1484
+  _globals['_REPORTACK']._serialized_end=1565
+  _globals['_GETFLEETREQUEST']._serialized_start=1567
+  _globals['_GETFLEETREQUEST']._serialized_end=1584
+  _globals['_AGENTSTATUS']._serialized_start=1587
+  _globals['_AGENTSTATUS']._serialized_end=1873
+  _globals['_GETFLEETRESPONSE']._serialized_start=1876
+  _globals['_GETFLEETRESPONSE']._serialized_end=2112
+  _globals['_GATEWAYSTATUS']._serialized_start=2114
+  _globals['_GATEWAYSTATUS']._serialized_end=2227
+  _globals['_WATCHFLEETREQUEST']._serialized_start=2229
+  _globals['_WATCHFLEETREQUEST']._serialized_end=2268
+  _globals['_ROUTABLEREPLICA']._serialized_start=2271
+  _globals['_ROUTABLEREPLICA']._serialized_end=2570
+  _globals['_ROUTABLEFLEET']._serialized_start=2573
+  _globals['_ROUTABLEFLEET']._serialized_end=2766
+  _globals['_TIERTRAFFIC']._serialized_start=2768
+  _globals['_TIERTRAFFIC']._serialized_end=2858
+  _globals['_DEPLOYMENTTRAFFIC']._serialized_start=2861
+  _globals['_DEPLOYMENTTRAFFIC']._serialized_end=3149
+  _globals['_DEPLOYMENTTRAFFIC_INFLIGHTENTRY']._serialized_start=3102
+  _globals['_DEPLOYMENTTRAFFIC_INFLIGHTENTRY']._serialized_end=3149
+  _globals['_GATEWAYREPORT']._serialized_start=3152
+  _globals['_GATEWAYREPORT']._serialized_end=3285
+  _globals['_GATEWAYREPORTACK']._serialized_start=3287
+  _globals['_GATEWAYREPORTACK']._serialized_end=3357
+  _globals['_AGENTSERVICE']._serialized_start=3674
+  _globals['_AGENTSERVICE']._serialized_end=3828
+  _globals['_FLEETSERVICE']._serialized_start=3830
+  _globals['_FLEETSERVICE']._serialized_end=3917
+  _globals['_GATEWAYSERVICE']._serialized_start=3920
+  _globals['_GATEWAYSERVICE']._serialized_end=4088
 # @@protoc_insertion_point(module_scope)

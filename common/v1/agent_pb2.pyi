@@ -180,6 +180,7 @@ class RegisterRequest(_message.Message):
     GPU_SOURCE_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     TASK_QUEUE_FIELD_NUMBER: _builtins.int
+    ADVERTISE_HOST_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     agent_version: _builtins.str
     gpu_source: _builtins.str
@@ -187,6 +188,8 @@ class RegisterRequest(_message.Message):
     hostname: _builtins.str
     task_queue: _builtins.str
     """Temporal task queue the agent's node worker polls, e.g. "agent-<agent_id>"."""
+    advertise_host: _builtins.str
+    """Host (name or address) at which gateways reach this agent's replicas; empty: hostname."""
     @_builtins.property
     def labels(self) -> Global___AgentLabels: ...
     @_builtins.property
@@ -201,10 +204,11 @@ class RegisterRequest(_message.Message):
         gpu_source: _builtins.str = ...,
         hostname: _builtins.str = ...,
         task_queue: _builtins.str = ...,
+        advertise_host: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_version", b"agent_version", "gpu_source", b"gpu_source", "gpus", b"gpus", "hostname", b"hostname", "labels", b"labels", "task_queue", b"task_queue"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise_host", b"advertise_host", "agent_id", b"agent_id", "agent_version", b"agent_version", "gpu_source", b"gpu_source", "gpus", b"gpus", "hostname", b"hostname", "labels", b"labels", "task_queue", b"task_queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -281,6 +285,7 @@ class ReplicaLoad(_message.Message):
     KV_CACHE_USAGE_FIELD_NUMBER: _builtins.int
     GENERATION_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     CACHE_HIT_RATE_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_REQUESTS_FIELD_NUMBER: _builtins.int
     running_requests: _builtins.int
     queued_requests: _builtins.int
     kv_cache_usage: _builtins.float
@@ -289,6 +294,8 @@ class ReplicaLoad(_message.Message):
     """Generated tokens per second."""
     cache_hit_rate: _builtins.float
     """Prefix-cache hit rate, 0..1."""
+    max_running_requests: _builtins.int
+    """The server's own cap on running requests (SGLang's max_running_requests); 0: unknown."""
     def __init__(
         self,
         *,
@@ -297,10 +304,11 @@ class ReplicaLoad(_message.Message):
         kv_cache_usage: _builtins.float = ...,
         generation_tokens_per_second: _builtins.float = ...,
         cache_hit_rate: _builtins.float = ...,
+        max_running_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit_rate", b"cache_hit_rate", "generation_tokens_per_second", b"generation_tokens_per_second", "kv_cache_usage", b"kv_cache_usage", "queued_requests", b"queued_requests", "running_requests", b"running_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit_rate", b"cache_hit_rate", "generation_tokens_per_second", b"generation_tokens_per_second", "kv_cache_usage", b"kv_cache_usage", "max_running_requests", b"max_running_requests", "queued_requests", b"queued_requests", "running_requests", b"running_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -485,6 +493,7 @@ class GetFleetResponse(_message.Message):
     REPORT_INTERVAL_FIELD_NUMBER: _builtins.int
     SCHEDULER_INSTANCE_FIELD_NUMBER: _builtins.int
     GENERATED_AT_FIELD_NUMBER: _builtins.int
+    GATEWAYS_FIELD_NUMBER: _builtins.int
     scheduler_instance: _builtins.str
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentStatus]: ...
@@ -492,6 +501,10 @@ class GetFleetResponse(_message.Message):
     def report_interval(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def generated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def gateways(self) -> _containers.RepeatedCompositeFieldContainer[Global___GatewayStatus]:
+        """The newest report of every gateway heard from within the stale limit."""
+
     def __init__(
         self,
         *,
@@ -499,11 +512,292 @@ class GetFleetResponse(_message.Message):
         report_interval: _duration_pb2.Duration | None = ...,
         scheduler_instance: _builtins.str = ...,
         generated_at: _timestamp_pb2.Timestamp | None = ...,
+        gateways: _abc.Iterable[Global___GatewayStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at", "report_interval", b"report_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "generated_at", b"generated_at", "report_interval", b"report_interval", "scheduler_instance", b"scheduler_instance"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "gateways", b"gateways", "generated_at", b"generated_at", "report_interval", b"report_interval", "scheduler_instance", b"scheduler_instance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetFleetResponse: _TypeAlias = GetFleetResponse  # noqa: Y015
+
+@_typing.final
+class GatewayStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAST_REPORT_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def last_report(self) -> Global___GatewayReport: ...
+    @_builtins.property
+    def received_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        last_report: Global___GatewayReport | None = ...,
+        received_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_report", b"last_report", "received_at", b"received_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_report", b"last_report", "received_at", b"received_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GatewayStatus: _TypeAlias = GatewayStatus  # noqa: Y015
+
+@_typing.final
+class WatchFleetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATEWAY_ID_FIELD_NUMBER: _builtins.int
+    gateway_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        gateway_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gateway_id", b"gateway_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchFleetRequest: _TypeAlias = WatchFleetRequest  # noqa: Y015
+
+@_typing.final
+class RoutableReplica(_message.Message):
+    """One replica a gateway may send requests to, with what routing needs to know of it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    RESIDENCY_GROUP_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RUNNING_REQUESTS_FIELD_NUMBER: _builtins.int
+    QUEUED_REQUESTS_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_REQUESTS_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    deployment: _builtins.str
+    agent_id: _builtins.str
+    host: _builtins.str
+    """Where its HTTP API answers: the agent's advertise_host and the replica's port."""
+    port: _builtins.int
+    pool: _builtins.str
+    """The agent's labels: the tier (a pool of the deployment is reserved, else rented) and
+    the residency checks are the gateway's, from its policy.
+    """
+    provider: _builtins.str
+    region: _builtins.str
+    residency_group: _builtins.str
+    state: Global___ReplicaState.ValueType
+    """HEALTHY replicas take requests; DRAINING ones (also while the scheduler drains them
+    through the gateways) finish what they have and take nothing new.
+    """
+    running_requests: _builtins.int
+    queued_requests: _builtins.int
+    max_running_requests: _builtins.int
+    def __init__(
+        self,
+        *,
+        replica_id: _builtins.str = ...,
+        deployment: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        host: _builtins.str = ...,
+        port: _builtins.int = ...,
+        pool: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        region: _builtins.str = ...,
+        residency_group: _builtins.str = ...,
+        state: Global___ReplicaState.ValueType = ...,
+        running_requests: _builtins.int = ...,
+        queued_requests: _builtins.int = ...,
+        max_running_requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "deployment", b"deployment", "host", b"host", "max_running_requests", b"max_running_requests", "pool", b"pool", "port", b"port", "provider", b"provider", "queued_requests", b"queued_requests", "region", b"region", "replica_id", b"replica_id", "residency_group", b"residency_group", "running_requests", b"running_requests", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoutableReplica: _TypeAlias = RoutableReplica  # noqa: Y015
+
+@_typing.final
+class RoutableFleet(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    REPORT_INTERVAL_FIELD_NUMBER: _builtins.int
+    SCHEDULER_INSTANCE_FIELD_NUMBER: _builtins.int
+    GENERATED_AT_FIELD_NUMBER: _builtins.int
+    scheduler_instance: _builtins.str
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoutableReplica]: ...
+    @_builtins.property
+    def report_interval(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def generated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        replicas: _abc.Iterable[Global___RoutableReplica] | None = ...,
+        report_interval: _duration_pb2.Duration | None = ...,
+        scheduler_instance: _builtins.str = ...,
+        generated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at", "report_interval", b"report_interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at", "replicas", b"replicas", "report_interval", b"report_interval", "scheduler_instance", b"scheduler_instance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoutableFleet: _TypeAlias = RoutableFleet  # noqa: Y015
+
+@_typing.final
+class TierTraffic(_message.Message):
+    """Requests and tokens a gateway sent to one tier since it started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    tier: _builtins.str
+    """"reserved", "rented" or "managed"."""
+    requests: _builtins.int
+    input_tokens: _builtins.int
+    output_tokens: _builtins.int
+    def __init__(
+        self,
+        *,
+        tier: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "requests", b"requests", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierTraffic: _TypeAlias = TierTraffic  # noqa: Y015
+
+@_typing.final
+class DeploymentTraffic(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class InFlightEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    OLDEST_QUEUED_S_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    TIERS_FIELD_NUMBER: _builtins.int
+    OVERFLOW_TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    queue_depth: _builtins.int
+    """Requests waiting in the gateway's queue now, and how long the oldest has waited."""
+    oldest_queued_s: _builtins.float
+    overflow_tokens_per_s: _builtins.float
+    """Tokens (input and output) per second sent to managed endpoints over the last interval."""
+    refused: _builtins.int
+    """Requests refused (429/503) since the gateway started."""
+    @_builtins.property
+    def in_flight(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Requests in flight now, by target (replica id or managed endpoint name)."""
+
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierTraffic]: ...
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        queue_depth: _builtins.int = ...,
+        oldest_queued_s: _builtins.float = ...,
+        in_flight: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        tiers: _abc.Iterable[Global___TierTraffic] | None = ...,
+        overflow_tokens_per_s: _builtins.float = ...,
+        refused: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "in_flight", b"in_flight", "oldest_queued_s", b"oldest_queued_s", "overflow_tokens_per_s", b"overflow_tokens_per_s", "queue_depth", b"queue_depth", "refused", b"refused", "tiers", b"tiers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeploymentTraffic: _TypeAlias = DeploymentTraffic  # noqa: Y015
+
+@_typing.final
+class GatewayReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATEWAY_ID_FIELD_NUMBER: _builtins.int
+    SENT_AT_FIELD_NUMBER: _builtins.int
+    DEPLOYMENTS_FIELD_NUMBER: _builtins.int
+    gateway_id: _builtins.str
+    @_builtins.property
+    def sent_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeploymentTraffic]: ...
+    def __init__(
+        self,
+        *,
+        gateway_id: _builtins.str = ...,
+        sent_at: _timestamp_pb2.Timestamp | None = ...,
+        deployments: _abc.Iterable[Global___DeploymentTraffic] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments", "gateway_id", b"gateway_id", "sent_at", b"sent_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GatewayReport: _TypeAlias = GatewayReport  # noqa: Y015
+
+@_typing.final
+class GatewayReportAck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORT_INTERVAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def report_interval(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        report_interval: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report_interval", b"report_interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["report_interval", b"report_interval"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GatewayReportAck: _TypeAlias = GatewayReportAck  # noqa: Y015

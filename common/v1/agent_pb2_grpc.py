@@ -223,3 +223,129 @@ class FleetService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class GatewayServiceStub:
+    """GatewayService is called by gateways with a gateway token (role "gateway"); agent and
+    operator tokens are refused here, and gateway tokens everywhere else.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WatchFleet = channel.unary_stream(
+                '/spillway.v1.GatewayService/WatchFleet',
+                request_serializer=spillway_dot_v1_dot_agent__pb2.WatchFleetRequest.SerializeToString,
+                response_deserializer=spillway_dot_v1_dot_agent__pb2.RoutableFleet.FromString,
+                _registered_method=True)
+        self.ReportTraffic = channel.unary_unary(
+                '/spillway.v1.GatewayService/ReportTraffic',
+                request_serializer=spillway_dot_v1_dot_agent__pb2.GatewayReport.SerializeToString,
+                response_deserializer=spillway_dot_v1_dot_agent__pb2.GatewayReportAck.FromString,
+                _registered_method=True)
+
+
+class GatewayServiceServicer:
+    """GatewayService is called by gateways with a gateway token (role "gateway"); agent and
+    operator tokens are refused here, and gateway tokens everywhere else.
+    """
+
+    def WatchFleet(self, request, context):
+        """The replicas a gateway may route to, as a whole set: sent when the stream opens, again
+        whenever a replica appears, leaves or changes state, and at least once per report
+        interval (a stream silent for longer is dead).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportTraffic(self, request, context):
+        """What the gateway saw, once per report interval; the scheduler turns it into the
+        autoscaling signals queued_at_gateway and overflow_tokens_per_s.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_GatewayServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WatchFleet': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchFleet,
+                    request_deserializer=spillway_dot_v1_dot_agent__pb2.WatchFleetRequest.FromString,
+                    response_serializer=spillway_dot_v1_dot_agent__pb2.RoutableFleet.SerializeToString,
+            ),
+            'ReportTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportTraffic,
+                    request_deserializer=spillway_dot_v1_dot_agent__pb2.GatewayReport.FromString,
+                    response_serializer=spillway_dot_v1_dot_agent__pb2.GatewayReportAck.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'spillway.v1.GatewayService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('spillway.v1.GatewayService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class GatewayService:
+    """GatewayService is called by gateways with a gateway token (role "gateway"); agent and
+    operator tokens are refused here, and gateway tokens everywhere else.
+    """
+
+    @staticmethod
+    def WatchFleet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/spillway.v1.GatewayService/WatchFleet',
+            spillway_dot_v1_dot_agent__pb2.WatchFleetRequest.SerializeToString,
+            spillway_dot_v1_dot_agent__pb2.RoutableFleet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spillway.v1.GatewayService/ReportTraffic',
+            spillway_dot_v1_dot_agent__pb2.GatewayReport.SerializeToString,
+            spillway_dot_v1_dot_agent__pb2.GatewayReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

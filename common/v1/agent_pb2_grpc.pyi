@@ -116,3 +116,67 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.GetFleetResponse, _abc.Awaitable[_agent_pb2.GetFleetResponse]]: ...
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class GatewayServiceStub:
+    """GatewayService is called by gateways with a gateway token (role "gateway"); agent and
+    operator tokens are refused here, and gateway tokens everywhere else.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> GatewayServiceAsyncStub: ...
+    WatchFleet: _grpc.UnaryStreamMultiCallable[_agent_pb2.WatchFleetRequest, _agent_pb2.RoutableFleet]
+    """The replicas a gateway may route to, as a whole set: sent when the stream opens, again
+    whenever a replica appears, leaves or changes state, and at least once per report
+    interval (a stream silent for longer is dead).
+    """
+    ReportTraffic: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GatewayReport, _agent_pb2.GatewayReportAck]
+    """What the gateway saw, once per report interval; the scheduler turns it into the
+    autoscaling signals queued_at_gateway and overflow_tokens_per_s.
+    """
+
+@_typing.type_check_only
+class GatewayServiceAsyncStub(GatewayServiceStub):
+    """GatewayService is called by gateways with a gateway token (role "gateway"); agent and
+    operator tokens are refused here, and gateway tokens everywhere else.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    WatchFleet: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchFleetRequest, _agent_pb2.RoutableFleet]  # type: ignore[assignment]
+    """The replicas a gateway may route to, as a whole set: sent when the stream opens, again
+    whenever a replica appears, leaves or changes state, and at least once per report
+    interval (a stream silent for longer is dead).
+    """
+    ReportTraffic: _aio.UnaryUnaryMultiCallable[_agent_pb2.GatewayReport, _agent_pb2.GatewayReportAck]  # type: ignore[assignment]
+    """What the gateway saw, once per report interval; the scheduler turns it into the
+    autoscaling signals queued_at_gateway and overflow_tokens_per_s.
+    """
+
+class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
+    """GatewayService is called by gateways with a gateway token (role "gateway"); agent and
+    operator tokens are refused here, and gateway tokens everywhere else.
+    """
+
+    @_abc_1.abstractmethod
+    def WatchFleet(
+        self,
+        request: _agent_pb2.WatchFleetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.RoutableFleet], _abc.AsyncIterator[_agent_pb2.RoutableFleet]]:
+        """The replicas a gateway may route to, as a whole set: sent when the stream opens, again
+        whenever a replica appears, leaves or changes state, and at least once per report
+        interval (a stream silent for longer is dead).
+        """
+
+    @_abc_1.abstractmethod
+    def ReportTraffic(
+        self,
+        request: _agent_pb2.GatewayReport,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.GatewayReportAck, _abc.Awaitable[_agent_pb2.GatewayReportAck]]:
+        """What the gateway saw, once per report interval; the scheduler turns it into the
+        autoscaling signals queued_at_gateway and overflow_tokens_per_s.
+        """
+
+def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
