@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.configfile import ConfigError
-from decisions.policy import Policy, check_policy
+from decisions.policy import Policy
+from decisions.policycheck import check_policy
 from providers.catalog import Catalog, default_catalog
 
 log = logging.getLogger(__name__)

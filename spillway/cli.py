@@ -141,7 +141,7 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_check(args: argparse.Namespace) -> int:
-    from decisions.policy import check_policy
+    from decisions.policycheck import check_policy
 
     result = check_policy(args.file)
     for note in result.notes:
@@ -161,7 +161,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     from agent.channel import read_token
     from common.v1 import agent_pb2 as pb
-    from decisions.policy import load_policy
+    from decisions.policycheck import load_policy
     from decisions.preview import plan_lines
     from providers.catalog import default_catalog
     from scheduler.fleet import AgentHealth, AgentRecord
@@ -199,7 +199,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from decisions.policy import load_policy
+    from decisions.policycheck import load_policy
     from simulator import load_settings, load_trace, simulate
     from simulator.report import table, verdict
 
@@ -252,7 +252,7 @@ def _whole_number(minimum: int) -> Callable[[str], int]:
 
 
 def _cmd_policy_schema(args: argparse.Namespace) -> int:
-    from decisions.policy import policy_schema
+    from decisions.policycheck import policy_schema
 
     print(json.dumps(policy_schema(), indent=2))
     return 0

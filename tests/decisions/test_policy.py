@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from common.configfile import ConfigError
-from decisions.policy import check_policy, load_policy, policy_schema
+from decisions.policycheck import check_policy, load_policy, policy_schema
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "policy.yaml"
 
