@@ -144,3 +144,45 @@ def test_cli_check_and_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert f"{bad}:7: deployments.chat.sku: unknown SKU" in capsys.readouterr().err
     assert main(["policy", "schema"]) == 0
     assert '"deployments"' in capsys.readouterr().out
+
+
+MANAGED = """\
+    managed:
+      - name: hosted
+        base_url: https://llm.example.com/v1
+        residency_group: {group}
+        api_key_env: {env}
+        usd_per_million_input_tokens: 0.5
+        usd_per_million_output_tokens: {price}
+        max_concurrency: 8
+"""
+
+
+def _with_managed(tmp_path: Path, group: str = "eu", env: str = "KEY", price: str = "1.5") -> Path:
+    return _write(tmp_path, BASE + MANAGED.format(group=group, env=env, price=price))
+
+
+def test_a_managed_endpoint_inside_the_lock_is_accepted(tmp_path: Path) -> None:
+    policy = load_policy(_with_managed(tmp_path))
+    endpoint = policy.deployments["chat"].managed[0]
+    assert endpoint.base_url == "https://llm.example.com/v1"
+    assert endpoint.cost_usd(1_000_000, 2_000_000) == pytest.approx(0.5 + 3.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (
+            {"group": "us"},
+            ":16: deployments.chat.managed.0.residency_group: 'us' is outside the deployment's "
+            "residency lock 'eu'",
+        ),
+        ({"env": "sk-live-123"}, ":17: deployments.chat.managed.0.api_key_env: "),
+        ({"price": ".inf"}, ":19: deployments.chat.managed.0.usd_per_million_output_tokens: "),
+    ],
+)
+def test_managed_endpoint_mistakes_name_their_line(
+    tmp_path: Path, kwargs: dict[str, str], expected: str
+) -> None:
+    result = check_policy(_with_managed(tmp_path, **kwargs))
+    assert any(expected in error for error in result.errors), result.errors
