@@ -226,7 +226,7 @@ def test_outputs_are_written(tmp_path: Path) -> None:
 
 
 def test_the_example_settings_file_holds_the_defaults() -> None:
-    example = Path(__file__).resolve().parents[3] / "examples" / "simulation.yaml"
+    example = Path(__file__).resolve().parents[2] / "examples" / "simulation.yaml"
     assert load_settings(example) == SimSettings()
 
 

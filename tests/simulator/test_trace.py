@@ -8,7 +8,7 @@ import pytest
 
 from simulator.trace import Trace, TraceError, load_trace
 
-AZURE = Path(__file__).resolve().parents[4] / "shared" / "data" / "traces"
+AZURE = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces"
 
 
 def write(tmp_path: Path, text: str) -> Path:
