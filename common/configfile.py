@@ -1,9 +1,11 @@
 """Files a person provides: YAML config loaded into pydantic models, and secret files.
 
-Used by every config file Spillway reads (agent, scheduler, and later the policy file). Every
-problem is reported as ``FILE:LINE: FIELD: what was expected (got VALUE)``; values that came
-from an environment override name the variable instead of the file. This module depends only on
-pydantic and PyYAML so that the agent can use it without any scheduler code.
+The one reader of every file a person writes (agent, scheduler and gateway configs, the policy,
+the tokens file, simulation settings), with one set of bounds (size, nesting, values after
+alias expansion) and one error shape: ``FILE:LINE: FIELD: what was expected (got VALUE)``;
+values that came from an environment override name the variable instead of the file. This
+module depends only on pydantic and PyYAML so that the agent can use it without any scheduler
+code.
 """
 
 from __future__ import annotations
@@ -76,25 +78,139 @@ def load_model(
         raise ConfigError(path, problems) from exc
 
 
+#: Bounds on a file a person writes: a config or policy is kilobytes; anything past these is a
+#: mistake or an attack (a YAML alias bomb expands to billions of values from a few lines), and
+#: is refused before it can stall the process that reads it.
+MAX_FILE_BYTES = 1 << 20
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
+
+
+#: libyaml's parser when PyYAML was built with it (about ten times faster), else PyYAML's own.
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_yaml_mapping(path: Path) -> tuple[yaml.Node | None, dict[str, Any]]:
-    """The document's node tree (for line numbers) and its data, which must be a mapping."""
+    """The document's node tree (for line numbers) and its data, which must be a mapping.
+
+    Parses once, within :data:`MAX_FILE_BYTES`, :data:`MAX_VALUES` (counting every value an
+    alias repeats) and :data:`MAX_DEPTH`; a key given twice in one mapping is an error naming
+    both lines. Every failure is a :class:`ConfigError` with one line for people.
+    """
+    text = _read_text(path)
+    loader = _Loader(text)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(path, [f"{path}: cannot read: {exc.strerror or exc}"]) from exc
-    try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(path, [f"{where}: not valid YAML: {problem}"]) from exc
+        try:
+            root = loader.get_single_node()
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(path, [f"{where}: not valid YAML: {problem}"]) from None
+        except RecursionError:
+            raise ConfigError(
+                path, [f"{path}: nested deeper than {MAX_DEPTH} levels; refused"]
+            ) from None
+        if root is not None:
+            _check_tree(path, root)
+        try:
+            data = loader.construct_document(root) if root is not None else None
+        except (yaml.YAMLError, ValueError, LookupError, TypeError, OverflowError) as exc:
+            # PyYAML's constructors raise more than YAMLError on odd scalars ("!!int " with
+            # nothing after it is an IndexError inside PyYAML).
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(path, [f"{where}: not a valid YAML value: {problem}"]) from None
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(path, [f"{path}:1: expected a mapping of fields, got {_kind(data)}"])
     return root, data
+
+
+def _read_text(path: Path) -> str:
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(path, [f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(
+            path, [f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB; refused as a config file"]
+        )
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(path, [f"{path}: UTF-16 text; save the file as UTF-8"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            path, [f"{path}:{line}: not UTF-8 text (byte {exc.start}); is it a binary file?"]
+        ) from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise ConfigError(path, [f"{path}:{line}: a NUL character; is it a binary file?"])
+    return text.removeprefix("\ufeff")
+
+
+def _check_tree(path: Path, root: yaml.Node) -> None:
+    """Depth, expanded size and duplicate keys, without recursion (the tree may be hostile)."""
+    expanded: dict[int, int] = {}  # id(node) -> values under it, aliases expanded
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    on_path: set[int] = set()
+    while stack:
+        node, depth, done = stack.pop()
+        if depth > MAX_DEPTH:
+            line = node.start_mark.line + 1
+            raise ConfigError(path, [f"{path}:{line}: nested deeper than {MAX_DEPTH} levels"])
+        children = _children(node)
+        if done:
+            on_path.discard(id(node))
+            expanded[id(node)] = 1 + sum(expanded[id(c)] for c in children)
+            if expanded[id(node)] > MAX_VALUES:
+                line = node.start_mark.line + 1
+                raise ConfigError(
+                    path,
+                    [
+                        f"{path}:{line}: holds more than {MAX_VALUES:,} values (counting "
+                        "every repeat of a YAML alias); refused"
+                    ],
+                )
+            continue
+        if id(node) in expanded:
+            continue  # an alias of a node already counted: its size is known
+        if isinstance(node, yaml.MappingNode):
+            _check_duplicate_keys(path, node)
+        if any(id(c) in on_path or c is node for c in children):
+            line = node.start_mark.line + 1
+            raise ConfigError(path, [f"{path}:{line}: an alias refers to a value that holds it"])
+        on_path.add(id(node))
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_duplicate_keys(path: Path, node: yaml.MappingNode) -> None:
+    seen: dict[str, int] = {}
+    for key, _value in node.value:
+        if not isinstance(key, yaml.ScalarNode):
+            continue
+        name, line = str(key.value), key.start_mark.line + 1
+        if name in seen:
+            raise ConfigError(
+                path, [f"{path}:{line}: {name!r} is given twice (first on line {seen[name]})"]
+            )
+        seen[name] = line
 
 
 def apply_env_overrides(

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.configfile import ConfigError
@@ -26,6 +27,15 @@ from providers.catalog import Catalog, default_catalog
 log = logging.getLogger(__name__)
 
 OnChange = Callable[[Policy, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    data: bytes
+    policy: Policy | None
+    errors: list[str]
+    #: The bytes are those already seen: nothing to do.
+    unchanged: bool = False
 
 
 def _digest(data: bytes) -> str:
@@ -71,16 +81,29 @@ class PolicyStore:
 
         Unchanged content is a no-op; an invalid edit keeps the old policy and sets ``errors``.
         """
+        return self._apply(self._read())
+
+    def _read(self) -> _Reading:
+        """Read and check the file; touches no state, so it may run off the event loop."""
         try:
             data = self.path.read_bytes()
         except OSError as exc:
-            self._refuse(data=b"", errors=[f"{self.path}: cannot read: {exc.strerror or exc}"])
-            return False
+            return _Reading(b"", None, [f"{self.path}: cannot read: {exc.strerror or exc}"])
         if data == self._seen:
+            return _Reading(data, None, [], unchanged=True)
+        result = check_policy(self.path, self.catalog)
+        return _Reading(data, result.policy, result.errors)
+
+    def _apply(self, reading: _Reading) -> bool:
+        if reading.unchanged:
             return False
-        data, policy = self._check(data)
+        data, policy = reading.data, reading.policy
+        if policy is None and not data:
+            self._refuse(data=b"", errors=reading.errors)
+            return False
         if policy is None:
             self._seen = data
+            self.errors = reading.errors
             self.rejected_total += 1
             log.error(
                 "policy %s refused; keeping the policy in force (%s):\n  %s",
@@ -125,10 +148,15 @@ class PolicyStore:
         self.loaded_at = time.time()
 
     async def watch(self, every_s: float = 1.0) -> None:
-        """Reload whenever the file's content changes, until cancelled."""
+        """Reload whenever the file's content changes, until cancelled.
+
+        Reading and checking run in a worker thread, so a large or hostile file never stalls
+        the gRPC server on this event loop; the new policy is installed (and ``on_change``
+        called) back on the loop.
+        """
         while True:
             await asyncio.sleep(every_s)
             try:
-                self.reload()
+                self._apply(await asyncio.to_thread(self._read))
             except Exception:  # a callback failed: keep watching
                 log.exception("policy reload of %s failed", self.path)
