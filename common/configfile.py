@@ -13,12 +13,19 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Strict, ValidationError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+#: Field types for files with no environment overrides (the policy): a value must already be of
+#: the field's type, so ``true`` is not 1 and ``1e32`` is not a whole number. (Configs with
+#: overrides take numbers as text from the environment and stay lax.)
+Whole = Annotated[int, Strict()]
+Real = Annotated[float, Strict()]
+Flag = Annotated[bool, Strict()]
 
 # Nested keys in environment overrides are separated by a double underscore:
 # SPILLWAY_AGENT_SCHEDULER__ADDRESS=host:port sets scheduler.address.

@@ -17,6 +17,8 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common.configfile import Flag, Real, Whole
+
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BASE_URL = re.compile(r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
@@ -24,7 +26,7 @@ _PATH_PREFIX = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _finite(value: float) -> float:
@@ -52,10 +54,10 @@ class ManagedEndpoint(_Strict):
     api_key_env: str | None = Field(
         default=None, description="Environment variable holding the endpoint's API key."
     )
-    usd_per_million_input_tokens: float = Field(ge=0, le=1e6)
-    usd_per_million_output_tokens: float = Field(ge=0, le=1e6)
-    max_concurrency: int = Field(ge=1, le=100_000, description="Requests in flight at most.")
-    added_latency_s: float = Field(
+    usd_per_million_input_tokens: Real = Field(ge=0, le=1e6)
+    usd_per_million_output_tokens: Real = Field(ge=0, le=1e6)
+    max_concurrency: Whole = Field(ge=1, le=100_000, description="Requests in flight at most.")
+    added_latency_s: Real = Field(
         default=0.0,
         ge=0,
         le=600,
@@ -104,37 +106,37 @@ class GatewayRouting(_Strict):
         description="Requests under this path go to this deployment whatever their model field "
         "says, e.g. /chat-eu for /chat-eu/v1/chat/completions (default: /NAME).",
     )
-    max_concurrency_per_replica: int | None = Field(
+    max_concurrency_per_replica: Whole | None = Field(
         default=None,
         ge=1,
         le=100_000,
         description="Requests in flight per replica at most (default: the replica's own "
         "max_running_requests; the smaller of the two when both are known).",
     )
-    queue_size: int = Field(
+    queue_size: Whole = Field(
         default=256, ge=0, le=100_000, description="Requests that may wait when nothing has room."
     )
-    queue_timeout_s: float = Field(
+    queue_timeout_s: Real = Field(
         default=30.0, gt=0, le=3600, description="A request waits this long at most, then 503."
     )
-    affinity: bool = Field(
+    affinity: Flag = Field(
         default=True,
         description="Keep a conversation on the replica that holds its KV cache: by the "
         "request's user field or x-session-id header, else by its prompt's beginning.",
     )
-    affinity_prefix_chars: int = Field(
+    affinity_prefix_chars: Whole = Field(
         default=1024,
         ge=16,
         le=1_000_000,
         description="How much of the prompt's beginning names a conversation without a session.",
     )
-    max_load_factor: float = Field(
+    max_load_factor: Real = Field(
         default=1.25,
         ge=1.0,
         le=16.0,
         description="Affinity never loads a replica past this factor over its tier's mean.",
     )
-    warmup_s: float = Field(
+    warmup_s: Real = Field(
         default=10.0,
         ge=0,
         le=3600,

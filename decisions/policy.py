@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from common.configfile import Flag, Real, Whole
 from decisions.endpoints import GatewayRouting, ManagedEndpoint
 from providers.catalog import CLOUDS, Catalog
 
@@ -51,7 +52,10 @@ _SECRET_KEYS = re.compile(
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Every policy model: unknown fields are errors, numbers are finite, and a value must be of
+    its field's own type (``true`` is not 1, ``1e32`` is not a whole number of replicas)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def looks_like_secret(value: str) -> str | None:
@@ -143,16 +147,19 @@ class Autoscaling(Strict):
         "KV-cache use (0..1), requests waiting in the gateways' queues (all gateways together), "
         "or tokens per second the gateways send to managed endpoints.",
     )
-    target: float = Field(gt=0, description="Scale up when the signal stays above this.")
-    scale_down_below: float | None = Field(
+    target: Real = Field(gt=0, le=1e12, description="Scale up when the signal stays above this.")
+    scale_down_below: Real | None = Field(
         default=None,
         ge=0,
+        le=1e12,
         description="Scale down only when the signal stays below this (default: half the "
         "target). The gap between the two is the hysteresis band.",
     )
-    max_step_up: int = Field(default=2, ge=1, description="Replicas added per decision, at most.")
-    max_step_down: int = Field(
-        default=1, ge=1, description="Replicas removed per decision, at most."
+    max_step_up: Whole = Field(
+        default=2, ge=1, le=1000, description="Replicas added per decision, at most."
+    )
+    max_step_down: Whole = Field(
+        default=1, ge=1, le=1000, description="Replicas removed per decision, at most."
     )
 
     @property
@@ -172,7 +179,7 @@ class Autoscaling(Strict):
 
 
 class Spillover(Strict):
-    enabled: bool = Field(default=False, description="May this deployment rent cloud GPUs?")
+    enabled: Flag = Field(default=False, description="May this deployment rent cloud GPUs?")
     providers: list[ProviderName] = Field(
         default_factory=list,
         description="Clouds it may rent from (default: every cloud under credentials).",
@@ -182,15 +189,24 @@ class Spillover(Strict):
         description="Residency group the replicas are locked to (a group of this file or of "
         "the catalog: eu, us, uk, ...). Unset: no lock.",
     )
-    max_spilled_replicas: int = Field(default=0, ge=0)
-    max_usd_per_hour: float | None = Field(
-        default=None, gt=0, description="Cap on the hourly list price of all rented machines."
+    max_spilled_replicas: Whole = Field(default=0, ge=0, le=10_000)
+    max_usd_per_hour: Real | None = Field(
+        default=None,
+        gt=0,
+        le=1e7,
+        description="Cap on the hourly list price of all rented machines (USD).",
     )
-    scale_up_window_s: float = Field(
-        default=60, gt=0, description="The signal must stay over target this long to scale up."
+    scale_up_window_s: Real = Field(
+        default=60,
+        gt=0,
+        le=86_400,
+        description="The signal must stay over target this long to scale up.",
     )
-    cool_down_s: float = Field(
-        default=600, gt=0, description="The signal must stay low this long to scale down."
+    cool_down_s: Real = Field(
+        default=600,
+        gt=0,
+        le=7 * 86_400,
+        description="The signal must stay low this long to scale down.",
     )
 
 
@@ -200,10 +216,10 @@ class Deployment(Strict):
     runtime: Literal["sglang", "simulated"] = "sglang"
     runtime_args: list[str] = Field(default_factory=list)
     sku: str = Field(description="Fungible GPU SKU from the catalog, e.g. H100-80GB.")
-    gpus: int = Field(ge=1, le=64, description="GPUs per replica, all on one machine.")
+    gpus: Whole = Field(ge=1, le=64, description="GPUs per replica, all on one machine.")
     pools: list[str] = Field(default_factory=list, description="Reserved pools that serve it.")
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(ge=1)
+    min_replicas: Whole = Field(default=1, ge=0, le=10_000)
+    max_replicas: Whole = Field(ge=1, le=10_000)
     autoscaling: Autoscaling
     spillover: Spillover = Field(default_factory=Spillover)
     managed: list[ManagedEndpoint] = Field(

@@ -186,3 +186,32 @@ def test_managed_endpoint_mistakes_name_their_line(
 ) -> None:
     result = check_policy(_with_managed(tmp_path, **kwargs))
     assert any(expected in error for error in result.errors), result.errors
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ("gpus: 8", "gpus: true", "deployments.chat.gpus"),
+        ("gpus: 8", "gpus: 8.0", "deployments.chat.gpus"),
+        ("max_replicas: 4", "max_replicas: 1e32", "deployments.chat.max_replicas"),
+        ("max_replicas: 4", "max_replicas: " + "9" * 33, "deployments.chat.max_replicas"),
+        ("target: 4", "target: .inf", "deployments.chat.autoscaling.target"),
+        ("target: 4", "target: .nan", "deployments.chat.autoscaling.target"),
+        ("target: 4", "target: 1e400", "deployments.chat.autoscaling.target"),
+        ("target: 4", "target: false", "deployments.chat.autoscaling.target"),
+        (
+            "max_spilled_replicas: 2}",
+            "max_spilled_replicas: 2, max_usd_per_hour: .inf}",
+            "deployments.chat.spillover.max_usd_per_hour",
+        ),
+        ("enabled: true", "enabled: 1", "deployments.chat.spillover.enabled"),
+    ],
+)
+def test_numbers_are_finite_bounded_and_of_their_own_type(
+    tmp_path: Path, old: str, new: str, field: str
+) -> None:
+    """Booleans are not numbers, floats are not counts, and infinity is not a spend cap."""
+    assert old in BASE
+    result = check_policy(_write(tmp_path, BASE.replace(old, new)))
+    assert result.policy is None
+    assert any(f": {field}: " in error for error in result.errors), result.errors
