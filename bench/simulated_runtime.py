@@ -262,6 +262,9 @@ def http_levels(
                 "--warmup-s",
                 "0",
                 "--enable-metrics",
+                # The driver's prompts repeat one character: without this every one would hit
+                # the prefix cache, which the model driver does not have.
+                "--disable-radix-cache",
             ],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,

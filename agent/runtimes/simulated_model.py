@@ -26,9 +26,26 @@ applied in one step when no request in the batch streams: the result is the same
 bit of every time, as running them one by one (``fast_forward=False`` does that; a test
 compares the two), but a simulated day costs minutes instead of hours.
 
+Prefix cache, as SGLang's radix cache keeps it (:mod:`agent.runtimes.prefix_cache`). A request
+may carry its prompt as ``prefix_blocks``: the hashes of its consecutive blocks of
+``prefix_block_tokens`` tokens (64 by default; only whole blocks), each hash chained over the
+blocks before it. At admission the leading blocks already cached (in order, up to the first
+miss) are reused and only the rest of the prompt is prefilled, always at least one token, so a
+prompt of whole blocks reuses all but its last. Blocks a request has prefilled are added to the
+cache chunk by chunk, so requests still running share them too; when it ends they stay. Cached
+blocks live in the KV pool: those no running request uses are evicted, least recently used leaf
+first, when an admission needs their room, and never keep a request out. ``token_usage`` counts
+the KV of running requests, a shared block once, and not the evictable cache (as SGLang's).
+The cache hit rate (``sglang:cache_hit_rate``) is the share of prompt tokens found cached,
+over the requests admitted in the last ``CACHE_HIT_WINDOW_S`` seconds (0 when none were);
+``cached_tokens_total`` and ``prompt_tokens_total`` (every prompt token, cached or not) give the
+cumulative rate. Requests without ``prefix_blocks`` neither hit nor fill the cache, and a model
+that never sees any behaves exactly as it did before the cache existed.
+
 Simplifications (assumptions, not measurements): KV for a request is reserved in full at
-admission (SGLang reserves less and retracts under pressure); no prefix cache, so the cache hit
-rate is always 0; every request generates exactly ``max_new_tokens`` (as with ``ignore_eos``).
+admission (SGLang reserves less and retracts under pressure); the cache works in blocks (SGLang
+in tokens by default) and keeps prompts only (SGLang also keeps generated tokens); every request
+generates exactly ``max_new_tokens`` (as with ``ignore_eos``).
 
 This module must stay free of I/O, randomness and wall-clock reads.
 """
@@ -36,7 +53,10 @@ This module must stay free of I/O, randomness and wall-clock reads.
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from agent.runtimes.prefix_cache import PrefixCache
 
 # Per-GPU defaults for a Llama-3.1-8B-class dense model in BF16 with tensor parallel size 1.
 #
@@ -146,6 +166,7 @@ class Progress:
     at: float
     arrived_at: float
     first_token_at: float | None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache, not prefilled
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +180,9 @@ class ModelStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     requests_finished: int
+    cached_tokens_total: int = 0  # prompt tokens served from the prefix cache
+    cache_hit_rate: float = 0.0  # 0..1, over admissions in the last CACHE_HIT_WINDOW_S
+    prefix_cache_tokens: int = 0  # KV tokens the prefix cache holds, in use or evictable
 
 
 @dataclass(slots=True)
@@ -168,9 +192,12 @@ class _Request:
     max_new_tokens: int
     arrived_at: float
     stream: bool
+    blocks: tuple[int, ...] = ()  # chained hashes of the prompt's whole blocks
     prefilled: int = 0
     generated: int = 0
     first_token_at: float | None = None
+    cached: int = 0  # prompt tokens reused from the prefix cache at admission
+    held: int = 0  # leading blocks this request holds (locked) in the prefix cache
 
 
 @dataclass(slots=True)
@@ -183,24 +210,39 @@ class _Iteration:
 
 
 THROUGHPUT_WINDOW_S = 2.0
+CACHE_HIT_WINDOW_S = 60.0
+PREFIX_BLOCK_TOKENS = 64
 
 
 class BatchingModel:
     """One replica's scheduler: a queue, a running batch, a KV pool and a clock it is given."""
 
     def __init__(
-        self, profile: GpuProfile, start: float = 0.0, *, fast_forward: bool = True
+        self,
+        profile: GpuProfile,
+        start: float = 0.0,
+        *,
+        fast_forward: bool = True,
+        prefix_block_tokens: int = PREFIX_BLOCK_TOKENS,
     ) -> None:
         self.profile = profile
         self.fast_forward = fast_forward
+        #: Tokens per block of ``prefix_blocks``: the granularity of the prefix cache.
+        self.prefix_block_tokens = prefix_block_tokens
+        self._cache = PrefixCache(prefix_block_tokens)
         self._clock = start
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
         self._ids: set[str] = set()
         self._current: _Iteration | None = None
+        # KV reserved for running requests, less the cached blocks they hold (counted there).
         self._reserved = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        # (when, cached prompt tokens, prompt tokens) of each prefill iteration that admitted.
+        self._hits: collections.deque[tuple[float, int, int]] = collections.deque()
+        self._hit_sums = [0, 0]  # cached and prompt tokens over self._hits
         self.prompt_tokens_total = 0
+        self.cached_tokens_total = 0
         self.generation_tokens_total = 0
         self.requests_finished = 0
         #: Seconds spent in iterations (prefill or decode): the replica's busy time.
@@ -216,11 +258,22 @@ class BatchingModel:
         now: float,
         *,
         stream: bool = False,
+        prefix_blocks: Sequence[int] | None = None,
     ) -> None:
         """Queue a request that arrived at ``now``; raise :class:`RequestRejected` if it can
-        never be served. With ``stream``, :meth:`advance` reports its every token."""
+        never be served. With ``stream``, :meth:`advance` reports its every token.
+
+        ``prefix_blocks`` are the hashes of the prompt's consecutive whole blocks of
+        :attr:`prefix_block_tokens` tokens, each chained over the blocks before it (equal hash,
+        equal prefix); with them the request uses and fills the prefix cache."""
         if request_id in self._ids:
             raise ValueError(f"request id {request_id!r} is already in use")
+        blocks = tuple(prefix_blocks) if prefix_blocks else ()
+        if len(blocks) * self.prefix_block_tokens > prompt_tokens:
+            raise ValueError(
+                f"{len(blocks)} prefix blocks of {self.prefix_block_tokens} tokens are more "
+                f"than the prompt's {prompt_tokens} tokens"
+            )
         if prompt_tokens < 1 or max_new_tokens < 1:
             raise RequestRejected("prompt and max_new_tokens must each be at least 1 token")
         total = prompt_tokens + max_new_tokens
@@ -239,8 +292,9 @@ class BatchingModel:
         # request (which arrived after it began) can be planned.
         if self._current is None and not self._running and not self._waiting:
             self._clock = max(self._clock, now)
+        arrived = max(now, self._clock)
         self._waiting.append(
-            _Request(request_id, prompt_tokens, max_new_tokens, max(now, self._clock), stream)
+            _Request(request_id, prompt_tokens, max_new_tokens, arrived, stream, blocks)
         )
         self._ids.add(request_id)
 
@@ -252,11 +306,13 @@ class BatchingModel:
         for request in self._waiting:
             if request.request_id == request_id:
                 self._waiting.remove(request)
+                self._release(request)  # admitted by the iteration under way: it held blocks
                 return True
         for request in self._running:
             if request.request_id == request_id:
                 self._running.remove(request)
-                self._reserved -= request.prompt_tokens + request.max_new_tokens
+                self._reserved -= self._private(request)
+                self._release(request)
                 return True
         return True  # admitted in the iteration under way; dropped when it ends
 
@@ -293,10 +349,17 @@ class BatchingModel:
         return None
 
     def stats(self, now: float) -> ModelStats:
-        used = sum(r.prompt_tokens + r.generated for r in self._running)
+        block = self.prefix_block_tokens
+        used = sum(r.prompt_tokens + r.generated - r.held * block for r in self._running)
+        used += self._cache.locked_tokens
         while self._recent and self._recent[0][0] <= now - THROUGHPUT_WINDOW_S:
             self._recent.popleft()
         recent = sum(tokens for at, tokens in self._recent if at <= now)
+        self._drop_hits(now - CACHE_HIT_WINDOW_S)
+        hit, prompt = self._hit_sums
+        if self._hits and self._hits[-1][0] > now:  # asked about the past
+            hit = sum(cached for at, cached, _ in self._hits if at <= now)
+            prompt = sum(tokens for at, _, tokens in self._hits if at <= now)
         return ModelStats(
             running=len(self._running),
             queued=len(self._waiting),
@@ -307,6 +370,9 @@ class BatchingModel:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             requests_finished=self.requests_finished,
+            cached_tokens_total=self.cached_tokens_total,
+            cache_hit_rate=hit / prompt if prompt else 0.0,
+            prefix_cache_tokens=self._cache.cached_tokens,
         )
 
     @property
@@ -334,10 +400,17 @@ class BatchingModel:
                 break
             if request.arrived_at > start:
                 break
-            need = request.prompt_tokens + request.max_new_tokens
-            if reserved + need > p.max_total_tokens:
+            hits, unlocked, need = self._cache_need(request)
+            if reserved + self._cache.locked_tokens + unlocked + need > p.max_total_tokens:
                 break  # first come, first served: nobody overtakes the head of the queue
-            take = min(budget, request.prompt_tokens)
+            if hits:
+                self._cache.lock(request.blocks, hits)
+                request.held = hits
+                request.cached = hits * self.prefix_block_tokens
+            excess = reserved + need + self._cache.cached_tokens - p.max_total_tokens
+            if excess > 0:  # make room: unused cached blocks never keep a request out
+                self._cache.evict(excess)
+            take = min(budget, request.prompt_tokens - request.cached)
             admitted.append(request)
             chunks.append((request, take))
             reserved += need
@@ -372,7 +445,8 @@ class BatchingModel:
         head_arrival: float | None = None
         if self._waiting and len(batch) < p.max_running_requests:
             head = self._waiting[0]
-            if self._reserved + head.prompt_tokens + head.max_new_tokens <= p.max_total_tokens:
+            _, unlocked, need = self._cache_need(head)
+            if self._reserved + self._cache.locked_tokens + unlocked + need <= p.max_total_tokens:
                 head_arrival = head.arrived_at  # admitted at the first iteration after it
         t = self._clock
         n = 0
@@ -399,6 +473,12 @@ class BatchingModel:
         self._clock = t
         self._trim_recent()
 
+    def _drop_hits(self, horizon: float) -> None:
+        while self._hits and self._hits[0][0] <= horizon:
+            _, hit, prompt = self._hits.popleft()
+            self._hit_sums[0] -= hit
+            self._hit_sums[1] -= prompt
+
     def _trim_recent(self) -> None:
         horizon = self._clock - THROUGHPUT_WINDOW_S
         while self._recent and self._recent[0][0] <= horizon:
@@ -407,17 +487,30 @@ class BatchingModel:
     def _apply(self, iteration: _Iteration, updates: list[Progress]) -> None:
         end = iteration.end
         self.busy_s += end - iteration.start
-        for request in iteration.admitted:
-            if request.request_id in self._ids:  # else cancelled while being admitted
-                self._waiting.remove(request)
-                self._running.append(request)
-                self._reserved += request.prompt_tokens + request.max_new_tokens
+        if iteration.admitted:
+            hit = prompt = 0
+            for request in iteration.admitted:
+                if request.request_id in self._ids:  # else cancelled while being admitted
+                    self._waiting.remove(request)
+                    self._running.append(request)
+                    self._reserved += self._private(request)
+                    request.prefilled = request.cached
+                    hit += request.cached
+                    prompt += request.prompt_tokens
+            self.prompt_tokens_total += hit
+            self.cached_tokens_total += hit
+            self._hits.append((end, hit, prompt))
+            self._hit_sums[0] += hit
+            self._hit_sums[1] += prompt
+            self._drop_hits(end - CACHE_HIT_WINDOW_S)
         produced = 0
         for request, take in iteration.prefill:
             if request.request_id not in self._ids:
                 continue
             request.prefilled += take
             self.prompt_tokens_total += take
+            if request.blocks:
+                self._cache_prefilled(request)
             if request.prefilled == request.prompt_tokens:
                 request.generated = 1
                 request.first_token_at = end
@@ -441,7 +534,8 @@ class BatchingModel:
         if finished:
             self._running.remove(request)
             self._ids.discard(request.request_id)
-            self._reserved -= request.prompt_tokens + request.max_new_tokens
+            self._reserved -= self._private(request)
+            self._release(request)
             self.requests_finished += 1
         if finished or always or request.stream:
             updates.append(
@@ -452,5 +546,38 @@ class BatchingModel:
                     at,
                     request.arrived_at,
                     request.first_token_at,
+                    request.cached,
                 )
             )
+
+    # -- prefix cache --------------------------------------------------------------------------
+
+    def _cache_need(self, request: _Request) -> tuple[int, int, int]:
+        """For admitting ``request`` now: the leading blocks it would reuse, the tokens of
+        those no running request uses yet, and the KV it needs besides them."""
+        total = request.prompt_tokens + request.max_new_tokens
+        if not request.blocks:
+            return 0, 0, total
+        block = self.prefix_block_tokens
+        # The last prompt token is always prefilled (its logits give the first new token).
+        hits, unlocked = self._cache.match(request.blocks, (request.prompt_tokens - 1) // block)
+        return hits, unlocked, total - hits * block
+
+    def _private(self, request: _Request) -> int:
+        """KV reserved for ``request`` outside the cached blocks it holds."""
+        return (
+            request.prompt_tokens + request.max_new_tokens - request.held * self.prefix_block_tokens
+        )
+
+    def _cache_prefilled(self, request: _Request) -> None:
+        """Cache (and hold) the whole blocks of ``request``'s prompt prefilled so far."""
+        whole = min(len(request.blocks), request.prefilled // self.prefix_block_tokens)
+        if whole > request.held:
+            held = self._cache.insert(request.blocks, request.held, whole)
+            self._reserved -= (held - request.held) * self.prefix_block_tokens
+            request.held = held
+
+    def _release(self, request: _Request) -> None:
+        if request.held:
+            self._cache.release(request.blocks, request.held)
+            request.held = 0

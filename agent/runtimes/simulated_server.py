@@ -9,10 +9,22 @@ M --host H --port P --tp-size N --served-model-name S --enable-metrics``) and an
 drains: health turns 503, new requests are refused with 503, in-flight ones finish, then the
 process exits 0.
 
-Text is placeholder words; prompts are counted at about four characters per token (or exactly,
-from ``input_ids``). A few flags inject faults for tests (``--crash-after-s``,
-``--fail-health``). This module must not import anything from the rest of the agent: it runs
-as its own process.
+Text is placeholder words; prompts are cut into tokens of four characters (or taken exactly
+from ``input_ids``; a chat message adds four tokens of its own for the role). The model keeps
+a prefix cache like SGLang's radix cache: each prompt's tokens are hashed in blocks of
+``--page-size`` tokens (64 by default; SGLang's default is 1), each block's BLAKE2b hash chained
+over the blocks before it, so that requests sharing a prefix (a long system prompt, an earlier
+turn of the conversation) prefill only what follows it. ``--disable-radix-cache`` turns that
+off. The hit rate is ``sglang:cache_hit_rate`` in ``/metrics`` and ``cache_hit_rate`` in
+``/v1/loads``; OpenAI usage blocks report ``prompt_tokens_details.cached_tokens`` when some
+prompt tokens were cached (always with ``--enable-cache-report``), ``/generate`` reports
+``meta_info.cached_tokens``.
+
+A client that goes away (mid-stream, or while its request waits or prefills) aborts its request
+in the model at once, as in SGLang. ``/server_info`` leaves out ``model_path`` unless
+``--report-model-path`` is given: sglang-router tries to download a tokenizer for a worker that
+reports one. A few flags inject faults for tests (``--crash-after-s``, ``--fail-health``). This
+module must not import anything from the rest of the agent: it runs as its own process.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -29,13 +42,14 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from agent.runtimes.simulated_model import (
+    PREFIX_BLOCK_TOKENS,
     BatchingModel,
     GpuProfile,
     Progress,
@@ -91,6 +105,34 @@ def count_tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / 4))
 
 
+def text_tokens(text: str) -> list[str]:
+    """``text`` as the tokens :func:`count_tokens` counts: four characters each."""
+    return [text[i : i + 4] for i in range(0, len(text), 4)] or [""]
+
+
+def chat_tokens(messages: Sequence[dict[str, Any]]) -> list[str]:
+    """Chat messages as tokens: four per message for its role, then its content's."""
+    tokens: list[str] = []
+    for message in messages:
+        role = str(message.get("role", ""))
+        tokens += ["<|im_start|>", f"<|role:{role}|>", "<|im_sep|>", "<|content|>"]
+        tokens += text_tokens(str(message.get("content", "")))
+    return tokens
+
+
+def prefix_hashes(tokens: Sequence[Any], block_tokens: int) -> list[int]:
+    """Hashes of the whole blocks of ``block_tokens`` tokens that ``tokens`` starts with, each
+    chained over the ones before it (equal hash, equal prefix). BLAKE2b, so they are the same
+    in every process (Python's ``hash`` is salted per process)."""
+    hashes: list[int] = []
+    previous = b""
+    for start in range(0, len(tokens) - block_tokens + 1, block_tokens):
+        block = json.dumps(list(tokens[start : start + block_tokens])).encode()
+        previous = hashlib.blake2b(previous + block, digest_size=8).digest()
+        hashes.append(int.from_bytes(previous, "big"))
+    return hashes
+
+
 class _Pending:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[Progress] = asyncio.Queue()
@@ -100,7 +142,9 @@ class SimulatedServer:
     def __init__(self, args: argparse.Namespace, profile: GpuProfile) -> None:
         self.args = args
         self.profile = profile
-        self.model = BatchingModel(profile, time.monotonic())
+        self.model = BatchingModel(
+            profile, time.monotonic(), prefix_block_tokens=max(1, args.page_size)
+        )
         self.pending: dict[str, _Pending] = {}
         self.started = time.monotonic()
         self.ready_at = self.started + args.warmup_s
@@ -154,29 +198,55 @@ class SimulatedServer:
     def ready(self) -> bool:
         return not self.shutting_down and time.monotonic() >= self.ready_at
 
-    def start_request(self, prompt_tokens: int, max_new_tokens: int, stream: bool) -> str:
-        """Queue a request; raises RequestRejected at once when it can never be served."""
+    def prefix_blocks(self, tokens: Sequence[Any]) -> list[int] | None:
+        """The prefix-cache block hashes of a prompt; None with ``--disable-radix-cache``."""
+        if self.args.disable_radix_cache:
+            return None
+        return prefix_hashes(tokens, self.model.prefix_block_tokens)
+
+    def start_request(
+        self,
+        prompt_tokens: int,
+        max_new_tokens: int,
+        stream: bool,
+        prefix_blocks: Sequence[int] | None = None,
+    ) -> str:
+        """Queue a request; raises RequestRejected at once when it can never be served.
+        Follow it with :meth:`following` straight away (no ``await`` in between)."""
         rid = f"{next(self.ids):x}-{uuid.uuid4().hex[:8]}"
-        self.model.submit(rid, prompt_tokens, max_new_tokens, time.monotonic(), stream=stream)
+        self.model.submit(
+            rid,
+            prompt_tokens,
+            max_new_tokens,
+            time.monotonic(),
+            stream=stream,
+            prefix_blocks=prefix_blocks,
+        )
         self.requests_total += 1
         self.pending[rid] = _Pending()
         self.wake.set()
         return rid
 
-    async def updates(self, rid: str) -> AsyncIterator[Progress]:
-        """Progress of a started request until it finishes; cancels it if abandoned."""
-        pending = self.pending[rid]
+    @contextlib.asynccontextmanager
+    async def following(self, rid: str) -> AsyncIterator[AsyncIterator[Progress]]:
+        """The progress of a started request, until it finishes. Leaving the block in any way
+        (done, an error, or the handler cancelled because the client went away) forgets the
+        request and, if it has not finished, cancels it in the model at once."""
         try:
-            while True:
-                update = await pending.queue.get()
-                yield update
-                if update.finished:
-                    return
+            yield self._updates(self.pending[rid])
         finally:
-            del self.pending[rid]
+            self.pending.pop(rid, None)
             self._last_token.pop(rid, None)
             self.model.cancel(rid)
             self.wake.set()
+
+    @staticmethod
+    async def _updates(pending: _Pending) -> AsyncIterator[Progress]:
+        while True:
+            update = await pending.queue.get()
+            yield update
+            if update.finished:
+                return
 
     # -- handlers ------------------------------------------------------------------------------
 
@@ -195,13 +265,16 @@ class SimulatedServer:
     async def health_generate(self, request: web.Request) -> web.Response:
         if self.args.fail_health or not self.ready():
             return web.Response(status=503)
-        await _last(self.updates(self.start_request(1, 1, stream=False)))
+        async with self.following(self.start_request(1, 1, stream=False)) as updates:
+            await _last(updates)
         return web.Response(status=200)
 
     def server_args(self) -> dict[str, Any]:
         a = self.args
+        # No model_path unless asked: sglang-router would try to download its tokenizer.
+        path = {"model_path": a.model_path} if a.report_model_path else {}
         return {
-            "model_path": a.model_path,
+            **path,
             "served_model_name": a.served_model_name or a.model_path,
             "host": a.host,
             "port": a.port,
@@ -212,6 +285,9 @@ class SimulatedServer:
             "max_total_tokens": self.profile.max_total_tokens,
             "chunked_prefill_size": self.profile.chunked_prefill_size,
             "context_length": self.profile.context_length,
+            "page_size": self.model.prefix_block_tokens,
+            "disable_radix_cache": a.disable_radix_cache,
+            "enable_cache_report": a.enable_cache_report,
             "enable_metrics": a.enable_metrics,
         }
 
@@ -268,7 +344,7 @@ class SimulatedServer:
                         "max_total_num_tokens": s.max_total_tokens,
                         "token_usage": s.token_usage,
                         "gen_throughput": s.gen_throughput,
-                        "cache_hit_rate": 0.0,
+                        "cache_hit_rate": s.cache_hit_rate,
                         "max_running_requests": self.profile.max_running_requests,
                     }
                 ],
@@ -288,7 +364,7 @@ class SimulatedServer:
             "num_used_tokens": s.used_tokens,
             "token_usage": s.token_usage,
             "gen_throughput": s.gen_throughput,
-            "cache_hit_rate": 0.0,
+            "cache_hit_rate": s.cache_hit_rate,
             "max_total_num_tokens": s.max_total_tokens,
             "max_running_requests": self.profile.max_running_requests,
         }
@@ -296,6 +372,7 @@ class SimulatedServer:
             lines += [f"# TYPE sglang:{key} gauge", f"sglang:{key}{{{labels}}} {float(value)}"]
         counters = {
             "prompt_tokens_total": s.prompt_tokens_total,
+            "cached_tokens_total": s.cached_tokens_total,
             "generation_tokens_total": s.generation_tokens_total,
             "num_requests_total": self.requests_total,
         }
@@ -312,15 +389,16 @@ class SimulatedServer:
         body = await _json_body(request)
         if isinstance(body, web.Response):
             return body
+        tokens: list[Any]
         if "input_ids" in body:
-            ids = body["input_ids"]
-            if not isinstance(ids, list) or not ids:
+            tokens = body["input_ids"]
+            if not isinstance(tokens, list) or not tokens:
                 return _error(400, "input_ids must be a non-empty list of token ids")
-            prompt = len(ids)
         elif isinstance(body.get("text"), str):
-            prompt = count_tokens(body["text"])
+            tokens = text_tokens(body["text"])
         else:
             return _error(400, "either text (a string) or input_ids is required")
+        prompt = len(tokens)
         params = body.get("sampling_params") or {}
         max_new = _int(params.get("max_new_tokens"), DEFAULT_MAX_NEW_TOKENS)
         if max_new is None:
@@ -333,7 +411,7 @@ class SimulatedServer:
                 "id": rid,
                 "prompt_tokens": prompt,
                 "completion_tokens": update.generated,
-                "cached_tokens": 0,
+                "cached_tokens": update.cached_tokens,
                 "finish_reason": {"type": "length", "length": update.generated}
                 if update.finished
                 else None,
@@ -342,17 +420,19 @@ class SimulatedServer:
 
         stream = bool(body.get("stream"))
         try:
-            updates = self.updates(self.start_request(prompt, max_new, stream))
+            started_id = self.start_request(prompt, max_new, stream, self.prefix_blocks(tokens))
         except RequestRejected as exc:
             return _error(400, str(exc))
-        if not stream:
-            last = await _last(updates)
-            return web.json_response({"text": words(0, last.generated), "meta_info": meta(last)})
-        response = await _sse(request)
-        async for update in updates:
-            chunk = {"text": words(0, update.generated), "meta_info": meta(update)}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
+        async with self.following(started_id) as updates:
+            if not stream:
+                last = await _last(updates)
+                whole = {"text": words(0, last.generated), "meta_info": meta(last)}
+                return web.json_response(whole)
+            response = await _sse(request)
+            async for update in updates:
+                chunk = {"text": words(0, update.generated), "meta_info": meta(update)}
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
         return response
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -367,16 +447,20 @@ class SimulatedServer:
         body = await _json_body(request)
         if isinstance(body, web.Response):
             return body
+        tokens: list[Any]
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 return _error(400, "messages must be a non-empty list")
-            prompt = sum(4 + count_tokens(str(m.get("content", ""))) for m in messages)
+            if not all(isinstance(m, dict) for m in messages):
+                return _error(400, "every message must be an object")
+            tokens = chat_tokens(messages)
         else:
             text = body.get("prompt")
             if not isinstance(text, str | list) or not text:
                 return _error(400, "prompt must be a non-empty string or list of token ids")
-            prompt = count_tokens(text) if isinstance(text, str) else len(text)
+            tokens = text_tokens(text) if isinstance(text, str) else text
+        prompt = len(tokens)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         max_new = _int(limit, DEFAULT_MAX_NEW_TOKENS)
         if max_new is None:
@@ -393,46 +477,50 @@ class SimulatedServer:
             content: dict[str, Any] = {"role": "assistant", "content": text}
             return {"index": 0, key: content, "logprobs": None, "finish_reason": finish}
 
-        def usage(generated: int) -> dict[str, int]:
-            return {
+        def usage(update: Progress) -> dict[str, Any]:
+            out: dict[str, Any] = {
                 "prompt_tokens": prompt,
-                "completion_tokens": generated,
-                "total_tokens": prompt + generated,
+                "completion_tokens": update.generated,
+                "total_tokens": prompt + update.generated,
             }
+            if update.cached_tokens or self.args.enable_cache_report:
+                out["prompt_tokens_details"] = {"cached_tokens": update.cached_tokens}
+            return out
 
         stream = bool(body.get("stream"))
         try:
-            updates = self.updates(self.start_request(prompt, max_new, stream))
+            started_id = self.start_request(prompt, max_new, stream, self.prefix_blocks(tokens))
         except RequestRejected as exc:
             return _error(400, str(exc))
-        if not stream:
-            last = await _last(updates)
-            return web.json_response(
-                {
+        async with self.following(started_id) as updates:
+            if not stream:
+                last = await _last(updates)
+                return web.json_response(
+                    {
+                        "id": rid,
+                        "object": kind,
+                        "created": created,
+                        "model": model_name,
+                        "choices": [choice(words(0, last.generated), "length", delta=False)],
+                        "usage": usage(last),
+                    }
+                )
+            response = await _sse(request)
+            sent = 0
+            async for update in updates:
+                finish = "length" if update.finished else None
+                chunk: dict[str, Any] = {
                     "id": rid,
-                    "object": kind,
+                    "object": kind + ".chunk" if chat else kind,
                     "created": created,
                     "model": model_name,
-                    "choices": [choice(words(0, last.generated), "length", delta=False)],
-                    "usage": usage(last.generated),
+                    "choices": [choice(words(sent, update.generated - sent), finish, delta=True)],
                 }
-            )
-        response = await _sse(request)
-        sent = 0
-        async for update in updates:
-            finish = "length" if update.finished else None
-            chunk: dict[str, Any] = {
-                "id": rid,
-                "object": kind + ".chunk" if chat else kind,
-                "created": created,
-                "model": model_name,
-                "choices": [choice(words(sent, update.generated - sent), finish, delta=True)],
-            }
-            if update.finished and (body.get("stream_options") or {}).get("include_usage"):
-                chunk["usage"] = usage(update.generated)
-            sent = update.generated
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
+                if update.finished and (body.get("stream_options") or {}).get("include_usage"):
+                    chunk["usage"] = usage(update)
+                sent = update.generated
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
         return response
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -511,6 +599,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tp-size", type=int, default=1)
     parser.add_argument("--mem-fraction-static", type=float, default=None)
     parser.add_argument("--enable-metrics", action="store_true")
+    parser.add_argument(
+        "--page-size",
+        type=int,
+        default=PREFIX_BLOCK_TOKENS,
+        help="prefix-cache granularity, in tokens",
+    )
+    parser.add_argument("--disable-radix-cache", action="store_true", help="no prefix cache")
+    parser.add_argument(
+        "--enable-cache-report",
+        action="store_true",
+        help="always report usage.prompt_tokens_details.cached_tokens, even when 0",
+    )
+    parser.add_argument(
+        "--report-model-path",
+        action="store_true",
+        help="put model_path in /server_info (sglang-router then fetches its tokenizer)",
+    )
     parser.add_argument("--gpu-model", default="", help="GPU name choosing the speed profile")
     parser.add_argument("--max-running-requests", type=int, default=None)
     parser.add_argument("--speedup", type=float, default=1.0, help="run this many times faster")
@@ -526,12 +631,16 @@ def make_profile(args: argparse.Namespace) -> GpuProfile:
     )
 
 
-async def serve(args: argparse.Namespace) -> int:
-    server = SimulatedServer(args, make_profile(args))
-    # A client that goes away aborts its request, as in SGLang.
-    runner = web.AppRunner(
+def make_runner(server: SimulatedServer) -> web.AppRunner:
+    # A client that goes away cancels its handler, which aborts its request, as in SGLang.
+    return web.AppRunner(
         build_app(server), access_log=None, handle_signals=False, handler_cancellation=True
     )
+
+
+async def serve(args: argparse.Namespace) -> int:
+    server = SimulatedServer(args, make_profile(args))
+    runner = make_runner(server)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     try:

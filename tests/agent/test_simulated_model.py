@@ -231,6 +231,55 @@ def test_fast_forward_gives_bit_identical_results(seed: int) -> None:
     assert fast.stats(now + 1e4) == slow.stats(now + 1e4)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_forward_gives_bit_identical_results_with_a_prefix_cache(seed: int) -> None:
+    """The same, with prompts that share prefixes (so hits, sharing and eviction happen) and
+    with cancellations."""
+    import hashlib
+    import random
+
+    rng = random.Random(seed)
+    profile = dataclasses.replace(
+        SMALL, max_running_requests=rng.choice([2, 4, 16]), max_total_tokens=6000
+    )
+    fast = BatchingModel(profile, fast_forward=True)
+    slow = BatchingModel(profile, fast_forward=False)
+    block = fast.prefix_block_tokens
+    families = [
+        [
+            int.from_bytes(hashlib.blake2b(f"{f}/{i}".encode()).digest()[:8], "big")
+            for i in range(24)
+        ]
+        for f in range(5)
+    ]
+    now = 0.0
+    got: dict[bool, list[Progress]] = {True: [], False: []}
+    for index in range(300):
+        now += rng.expovariate(rng.choice([5.0, 40.0, 200.0]))
+        prompt = rng.randint(1, 1500)
+        new = rng.randint(1, 300)
+        stream = rng.random() < 0.1
+        prefix = rng.choice(families)[: rng.randint(0, prompt // block)]
+        victim = f"r{rng.randint(0, index)}" if rng.random() < 0.05 else None
+        for model, out in ((fast, got[True]), (slow, got[False])):
+            out += model.advance(now)
+            model.submit(f"r{index}", prompt, new, now, stream=stream, prefix_blocks=prefix)
+            if victim is not None:
+                model.cancel(victim)
+        if rng.random() < 0.2:
+            probe = now + rng.random() * 0.05
+            got[True] += fast.advance(probe)
+            got[False] += slow.advance(probe)
+            assert fast.stats(probe) == slow.stats(probe)
+    got[True] += fast.advance(now + 1e4)
+    got[False] += slow.advance(now + 1e4)
+    assert got[True] == got[False]
+    assert any(p.cached_tokens for p in got[True])
+    assert fast.busy_s == slow.busy_s > 0
+    assert fast.stats(now + 1e4) == slow.stats(now + 1e4)
+    assert fast.stats(now + 1e4).cached_tokens_total > 0
+
+
 def test_scaled_profile_multiplies_rates_and_kv_by_tensor_parallel_size() -> None:
     base = PROFILES["H100-80GB"]
     eight = base.scaled(tp=8)

@@ -188,7 +188,8 @@ async def test_simulator_agrees_with_the_simulated_runtime(tmp_path: Path) -> No
     assert predicted.p99 > 2 * predicted.p50
     assert predicted.throughput > 0.9 * sum(trace.output_tokens) / trace.duration_s
 
-    server = Server(tmp_path, "--speedup", f"{SPEEDUP:g}", "--warmup-s", "0")
+    # No prefix cache: the trace's prompts are token counts, sent as repeated tokens.
+    server = Server(tmp_path, "--speedup", f"{SPEEDUP:g}", "--warmup-s", "0", prefix_cache=False)
     try:
         await healthy(server.url)
         measured = await serve(trace, server.url)
