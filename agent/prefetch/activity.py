@@ -3,8 +3,10 @@
 It heartbeats the completed byte ranges, so when Temporal retries an attempt (the agent
 restarted, a range kept failing) the next attempt resumes from ``activity.info().
 heartbeat_details`` instead of fetching everything again. Failures that a retry cannot fix
-(not found, access denied, verification, disk full, a bad source) are raised as non-retryable
-application errors whose ``type`` is the error class name.
+(not found, access denied, verification, disk full, a bad source or a file where the destination
+directory must be) are raised as non-retryable application errors whose ``type`` is the error
+class name; an object that kept changing at the origin (``OriginChangedError``) is retryable,
+since the next attempt lists it anew. The destination is always a directory here.
 
 The node worker registers this function; this module does not start workers or clients.
 """

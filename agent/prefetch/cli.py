@@ -1,7 +1,13 @@
 """``spillway prefetch SRC DEST``: the engine behind a progress bar (or ``--json``), with exit
-codes a script can act on: 0 done, 1 transfer failed, 2 bad input, 3 not found, 4 access
-denied, 5 verification failed, 6 disk full. ``spillway/cli.py`` declares the arguments and
-calls ``run``.
+codes a script can act on: 0 done, 1 transfer failed, 2 bad input (a file where DEST must be a
+directory too), 3 not found, 4 access denied, 5 verification failed, 6 disk full, 7 the object
+changed at the origin during the download and kept changing. Every failure is one line on
+stderr (and, with ``--json``, one JSON object on stdout), never a traceback.
+
+DEST is read as ``cp`` reads it: for a SRC that names one object, an existing directory or a
+DEST ending in ``/`` receives the file, any other DEST is the file itself; for a prefix or a
+file list DEST is a directory. ``spillway/cli.py`` declares the arguments (DEST as a ``str``,
+so that a trailing ``/`` survives) and calls ``run``.
 
 Only presentation and error mapping live here; the download itself is ``agent.prefetch``.
 """
@@ -13,14 +19,14 @@ import json
 import re
 import sys
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from agent.prefetch import (
     AuthError,
     DiskFullError,
-    InvalidSourceError,
+    InvalidInputError,
     NotFoundError,
+    OriginChangedError,
     PrefetchError,
     PrefetchResult,
     Progress,
@@ -29,6 +35,7 @@ from agent.prefetch import (
     VerificationError,
     prefetch,
 )
+from agent.prefetch.transport import disk_error
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -37,14 +44,17 @@ EXIT_NOT_FOUND = 3
 EXIT_AUTH = 4
 EXIT_VERIFICATION = 5
 EXIT_DISK_FULL = 6
+EXIT_ORIGIN_CHANGED = 7
 
 _EXIT_CODES: list[tuple[type[PrefetchError], int, str]] = [
-    (InvalidSourceError, EXIT_BAD_INPUT, "bad_input"),
+    (InvalidInputError, EXIT_BAD_INPUT, "bad_input"),
     (NotFoundError, EXIT_NOT_FOUND, "not_found"),
     (AuthError, EXIT_AUTH, "auth"),
     (VerificationError, EXIT_VERIFICATION, "verification_failed"),
     (DiskFullError, EXIT_DISK_FULL, "disk_full"),
+    (OriginChangedError, EXIT_ORIGIN_CHANGED, "origin_changed"),
 ]
+
 _SIZE = re.compile(r"(\d+)\s*([kmg]?)i?b?", re.IGNORECASE)
 
 
@@ -105,11 +115,16 @@ def run(args: argparse.Namespace) -> int:
         fsync=not args.no_fsync,
         sha256=not getattr(args, "skip_sha256", False),
     )
+    # A str keeps a trailing '/' (a Path would drop it), which says DEST is a directory.
+    dest: str = args.dest if isinstance(args.dest, str) else str(args.dest)
     try:
-        if args.json or not sys.stderr.isatty():
-            result = prefetch(args.source, args.dest, options, tuning)
-        else:
-            result = _with_progress_bar(args.source, args.dest, options, tuning)
+        try:
+            if args.json or not sys.stderr.isatty():
+                result = prefetch(args.source, dest, options, tuning, copy=True)
+            else:
+                result = _with_progress_bar(args.source, dest, options, tuning)
+        except OSError as exc:  # the engine maps its own; this is the last line of defence
+            raise disk_error(exc, dest) from exc
     except PrefetchError as exc:
         code, kind = EXIT_FAILED, "failed"
         for cls, value, name in _EXIT_CODES:
@@ -123,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(_result_json(result), indent=2))
     else:
         print(
-            f"{len(result.files)} files, {_fmt_bytes(result.total_bytes)} in {args.dest} "
+            f"{len(result.files)} files, {_fmt_bytes(result.total_bytes)} in {dest} "
             f"({_fmt_bytes(result.fetched_bytes)} fetched, {_fmt_bytes(result.resumed_bytes)} "
             f"resumed) in {result.seconds:.1f}s, {result.mb_per_s:.0f} MB/s",
             file=sys.stderr,
@@ -132,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _with_progress_bar(
-    source: str, dest: Path, options: SourceOptions, tuning: Tuning
+    source: str, dest: str, options: SourceOptions, tuning: Tuning
 ) -> PrefetchResult:
     from rich.progress import BarColumn, TextColumn
     from rich.progress import Progress as Bar
@@ -163,4 +178,4 @@ def _with_progress_bar(
         )
 
     with bar:
-        return prefetch(source, dest, options, tuning, on_progress=show)
+        return prefetch(source, dest, options, tuning, on_progress=show, copy=True)

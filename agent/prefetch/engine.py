@@ -9,6 +9,12 @@ then fsyncs and renames it into place. Completed ranges are saved in a sidecar (
 ``on_state`` callback, which the Temporal activity turns into heartbeats) so a killed process or
 a retried activity resumes instead of starting over.
 
+Every range is conditional on the validators the object was listed with, and every answer is
+checked against them (``transport``). When one shows the object changed at the origin, the file
+is never finished from a mix of versions: its bytes are dropped, the source is listed again and
+the new version fetched from the start, at most MAX_RESTARTS times per file; past that the
+download fails with ``OriginChangedError``.
+
 The engine must not know about any particular store: sources give it URLs and headers. It never
 holds a file in memory: one buffer (or pipe) per connection plus one mapped window per hasher.
 """
@@ -16,26 +22,21 @@ holds a file in memory: one buffer (or pipe) per connection plus one mapped wind
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import errno
-import itertools
 import logging
 import mmap
 import os
 import random
 import shutil
-import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.prefetch.errors import (
     DiskFullError,
+    NotFoundError,
+    OriginChangedError,
     PrefetchError,
     TransferError,
     VerificationError,
@@ -44,24 +45,20 @@ from agent.prefetch.model import (
     FileResult,
     MiB,
     PrefetchResult,
+    Progress,
     RemoteObject,
     Tuning,
-    safe_relpath,
 )
+from agent.prefetch.parts import PartFile, Version, fsync_dirs, prepare, reopen_part
+from agent.prefetch.ranges import FILES_IN_FLIGHT, INITIAL_CONNECTIONS, ConnectionTuner, Ranges
 from agent.prefetch.state import (
     PARTIAL,
     PROGRESS,
     STATE_DIR,
-    Interval,
-    Manifest,
     add_interval,
     covered,
-    merge_progress,
-    missing,
-    parse_ranges,
     prefix_end,
     ranges_json,
-    read_json,
     write_json_atomic,
 )
 from agent.prefetch.transport import Connections, RetryableError, disk_error, fetch_range
@@ -69,96 +66,15 @@ from agent.prefetch.verify import Digests, check_safetensors
 
 log = logging.getLogger("agent.prefetch")
 
-# Automatic connection count: start here and add CONNECTION_STEP while the aggregate rate
-# keeps rising by GAIN; stop after two windows without such a gain.
-INITIAL_CONNECTIONS = 24
-CONNECTION_STEP = 12
-GAIN = 1.05
-# Ranges shrink to TAIL_RANGE only at the end, so the last connections finish together;
-# otherwise a range is never below MIN_RANGE, which keeps a 30 ms first-byte delay under ~5%
-# of a range even on a 50 MB/s-capped connection.
-TAIL_RANGE = 4 * MiB
-MIN_RANGE = 16 * MiB
-INITIAL_RANGE = 16 * MiB
-MAX_RANGE = 64 * MiB
-RANGE_SECONDS = 1.0
 HASH_CHUNK = 32 * MiB
-HASHERS = 2
-# Files downloaded at once (see _cut); one per hasher.
-FILES_IN_FLIGHT = HASHERS
+HASHERS = FILES_IN_FLIGHT
 WINDOW_S = 0.5
+# How often one file may start over from a newer version before the download gives up.
+MAX_RESTARTS = 3
 
 
-@dataclass
-class Progress:
-    """A snapshot for progress displays."""
-
-    total_bytes: int
-    done_bytes: int
-    fetched_bytes: int
-    files_total: int
-    files_done: int
-    bytes_per_s: float
-    connections: int
-    elapsed_s: float
-
-
-class _File:
-    def __init__(self, obj: RemoteObject, final: Path, part: Path, sha256: bool) -> None:
-        self.obj = obj
-        self.final = final
-        self.part = part
-        self.fd = -1
-        self.intervals: list[Interval] = []
-        self.gaps: deque[Interval] = deque()
-        self.digests = Digests(obj.checksums, sha256)
-        self.verify_attempts = 0
-        self.fetched = 0
-        self.result: FileResult | None = None
-
-    @property
-    def what(self) -> str:
-        return self.obj.path
-
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
-_TMPFS_MAGIC = 0x01021994
-
-
-def _memory_backed(path: Path) -> bool:
-    """True on tmpfs, where ``fallocate`` zeroes every page it reserves (about 0.25 CPU
-    seconds per GiB on a small VM) only for the download to overwrite them."""
-    statfs = getattr(_libc, "statfs", None)
-    if statfs is None:
-        return False
-    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first word on Linux
-    if statfs(os.fsencode(path), buf) != 0:
-        return False
-    f_type = int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], sys.byteorder)
-    return f_type == _TMPFS_MAGIC
-
-
-def _preallocate(fd: int, size: int, what: str, reserve: bool) -> None:
-    """Give the file its final size; with ``reserve``, also claim the blocks so that a full
-    disk shows now, not half-way (where the file system cannot, the file stays sparse)."""
-    if size == 0:
-        return
-    fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
-    if reserve and fallocate is not None:
-        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        if fallocate(fd, 0, 0, size) == 0:
-            return
-        err = ctypes.get_errno()
-        if err in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(
-                f"{what}: no space left on the destination for {size} bytes ({os.strerror(err)})"
-            )
-    try:
-        os.ftruncate(fd, size)
-    except OSError as exc:
-        raise disk_error(exc, what) from exc
+class _Superseded(RetryableError):
+    """The range's file moved on to a newer version while the range was in flight."""
 
 
 class Engine:
@@ -173,7 +89,10 @@ class Engine:
         on_progress: Callable[[Progress], None] | None = None,
         on_state: Callable[[dict[str, Any]], None] | None = None,
         source: str = "",
+        relist: Callable[[], list[RemoteObject]] | None = None,
     ) -> None:
+        """``relist`` lists the source again (the objects as ``objects`` names them); without
+        it, an object that changes at the origin fails the download."""
         self.dest = dest
         self.tuning = tuning or Tuning()
         self.source = source
@@ -181,112 +100,39 @@ class Engine:
         self.on_state = on_state
         self._resume_hint = resume
         self._objects = objects
-        self._files: list[_File] = []
+        self._files: list[PartFile] = []
         self._lock = threading.Condition()
         self._stop = threading.Event()
         self._failure: PrefetchError | None = None
         self._target = self.tuning.connections or INITIAL_CONNECTIONS
-        self._range = self.tuning.range_size or INITIAL_RANGE
-        self._undispatched = 0
+        self._ranges = Ranges(self.tuning)
         self._worker_bytes: list[int] = []
         self._workers: list[threading.Thread] = []
         self._finished = 0
         self._hash_next = 0
-        self._turn = 0
-        self._first_open = 0
         self._conns = Connections(self.tuning.timeout_s)
         self.resumed_bytes = 0
+        self._reserve = True
+        self._relist = relist
+        self._relist_lock = threading.Lock()
+        self._listed: dict[str, RemoteObject] = {}
+        self._listed_at = float("-inf")
+        self._retired: list[int] = []
+        self._save_lock = threading.Lock()
 
     # ----------------------------------------------------------------------------- set-up
 
     def _prepare(self) -> list[FileResult]:
-        state_dir = self.dest / STATE_DIR
-        (state_dir / PARTIAL).mkdir(parents=True, exist_ok=True)
-        self.manifest = Manifest(self.dest)
-        saved = merge_progress(
-            parse_ranges(read_json(state_dir / PROGRESS)), parse_ranges(self._resume_hint)
+        self.manifest, planned = prepare(
+            self._objects, self.dest, self._resume_hint, self.tuning.sha256
         )
-        skipped: list[FileResult] = []
-        needed = 0
-        seen: set[str] = set()
-        for obj in self._objects:
-            path = safe_relpath(obj.path)
-            if path in seen:
-                raise PrefetchError(f"two objects map to the same file {path!r}")
-            seen.add(path)
-            done = self.manifest.is_complete(self.dest, path, obj.identity(), obj.size)
-            if done is not None:
-                skipped.append(done)
-                continue
-            part = state_dir / PARTIAL / (path + ".part")
-            f = _File(obj, self.dest / path, part, self.tuning.sha256)
-            prior = saved.get(path)
-            reuse = (
-                prior is not None
-                and prior[0] == obj.identity()
-                and f.part.exists()
-                and f.part.stat().st_size == obj.size
-            )
-            if reuse and prior is not None:
-                f.intervals = [(a, min(b, obj.size)) for a, b in prior[1] if a < obj.size]
-                self.resumed_bytes += covered(f.intervals)
-            needed += obj.size - (covered(f.intervals) if reuse else 0)
-            self._files.append(f)
-        free = shutil.disk_usage(state_dir).free
-        if needed > free:
-            raise DiskFullError(
-                f"{self.dest}: {needed} bytes still to fetch but only {free} bytes free"
-            )
-        # On tmpfs the free-space check above stands in for reserving: reserving would zero
-        # every page first, which costs more CPU than receiving the bytes into them.
-        reserve = not _memory_backed(state_dir)
-        for f in self._files:
-            f.part.parent.mkdir(parents=True, exist_ok=True)
-            fresh = not f.intervals
-            try:
-                flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0)
-                f.fd = os.open(f.part, flags, 0o644)
-            except OSError as exc:
-                raise disk_error(exc, f.what) from exc
-            if fresh:
-                _preallocate(f.fd, f.obj.size, f.what, reserve)
-            f.gaps = deque(missing(f.obj.size, f.intervals))
-            self._undispatched += sum(b - a for a, b in f.gaps)
-        return skipped
+        self._files = planned.files
+        self.resumed_bytes = planned.resumed_bytes
+        self._reserve = planned.reserve
+        self._ranges.undispatched = sum(sum(b - a for a, b in f.gaps) for f in self._files)
+        return planned.skipped
 
     # ----------------------------------------------------------------------------- workers
-
-    def _cut(self) -> tuple[_File, int, int] | None:
-        """The next range to fetch, or None when nothing is waiting. Call with the lock held.
-
-        Files are taken in order, with ranges alternating between the first FILES_IN_FLIGHT
-        that still have gaps: writers to one file queue on its inode lock (and spin on a CPU
-        while they wait), and each hasher has a file growing under it.
-        """
-        while self._first_open < len(self._files) and not self._files[self._first_open].gaps:
-            self._first_open += 1
-        open_files: list[_File] = []
-        for f in itertools.islice(self._files, self._first_open, None):
-            if f.gaps:
-                open_files.append(f)
-                if len(open_files) == FILES_IN_FLIGHT:
-                    break
-        if open_files:
-            self._turn += 1
-            f = open_files[self._turn % len(open_files)]
-            start, end = f.gaps[0]
-            size = self._range
-            if self.tuning.range_size is None and self._undispatched < size * self._target:
-                size = max(TAIL_RANGE, self._undispatched // max(1, self._target))
-            if end - start <= size + size // 4:
-                f.gaps.popleft()
-                stop_at = end
-            else:
-                stop_at = start + size
-                f.gaps[0] = (stop_at, end)
-            self._undispatched -= stop_at - start
-            return f, start, stop_at
-        return None
 
     def _worker(self, index: int) -> None:
         buf = memoryview(bytearray(self.tuning.buffer_size))
@@ -296,14 +142,17 @@ class Engine:
                     job = None
                     while not self._stop.is_set():
                         if index < self._target:
-                            job = self._cut()
+                            job = self._ranges.cut(self._files, self._target)
                             if job is not None:
                                 break
                         self._lock.wait(0.5)
                     if job is None:
                         return
                 try:
-                    self._fetch(index, buf, *job)
+                    try:
+                        self._fetch(index, buf, *job)
+                    except (OriginChangedError, NotFoundError) as exc:
+                        self._changed(job[0], job[1], exc)
                 except PrefetchError as exc:
                     self._fail(exc)
                     return
@@ -313,7 +162,9 @@ class Engine:
         finally:
             self._conns.close_all()
 
-    def _fetch(self, index: int, buf: memoryview, f: _File, start: int, end: int) -> None:
+    def _fetch(
+        self, index: int, buf: memoryview, f: PartFile, ver: Version, start: int, end: int
+    ) -> None:
         pos = start
         attempt = 0
 
@@ -321,26 +172,30 @@ class Engine:
             nonlocal pos
             pos += n
             self._worker_bytes[index] += n
+            if f.current is not ver:
+                raise _Superseded(f"{f.what}: a newer version is being fetched")
 
         while pos < end:
             begun = pos
             try:
                 fetch_range(
                     self._conns,
-                    f.obj.url,
-                    f.obj.headers,
+                    ver.obj.url,
+                    ver.headers,
                     pos,
                     end - pos,
-                    f.obj.size,
-                    f.fd,
+                    ver.obj.size,
+                    ver.fd,
                     buf,
                     advance,
                     self._stop,
                     f.what,
+                    etag=ver.obj.etag,
+                    last_modified=ver.obj.last_modified,
                 )
             except RetryableError as exc:
-                self._complete(f, begun, pos)
-                if self._stop.is_set():
+                self._complete(f, ver, begun, pos)
+                if self._stop.is_set() or f.current is not ver:
                     return
                 attempt += 1
                 if attempt > self.tuning.retries:
@@ -353,17 +208,77 @@ class Engine:
                     return
                 continue
             except BaseException:
-                self._complete(f, begun, pos)
+                self._complete(f, ver, begun, pos)
                 raise
-            self._complete(f, begun, pos)
+            self._complete(f, ver, begun, pos)
 
-    def _complete(self, f: _File, start: int, end: int) -> None:
+    def _complete(self, f: PartFile, ver: Version, start: int, end: int) -> None:
         if end <= start:
             return
         with self._lock:
+            if f.current is not ver:
+                return  # bytes of a version that was dropped
             f.intervals = add_interval(f.intervals, start, end)
             f.fetched += end - start
             self._lock.notify_all()
+
+    # ----------------------------------------------------------------------------- changes
+
+    def _changed(self, f: PartFile, ver: Version, exc: PrefetchError) -> None:
+        """A range of ``ver`` found its object changed at the origin (or, with a
+        ``NotFoundError``, gone: a pinned version that was replaced reads as missing).
+
+        Unless another range saw it first, drop the file's bytes, list the source again and
+        fetch the new version from the start, into a new part file: ranges of the old version
+        still in flight finish into the old one, and count for nothing. Raises when the object
+        is really gone, when nothing can list it again, or after MAX_RESTARTS.
+        """
+        gone = isinstance(exc, NotFoundError)
+        with self._lock:
+            if f.current is not ver or f.refreshing:
+                return
+            if self._relist is None or (gone and not ver.obj.version):
+                raise exc
+            if f.restarts >= MAX_RESTARTS:
+                raise OriginChangedError(
+                    f"{exc}; it changed {f.restarts + 1} times while it was being fetched, so "
+                    "the download stops here (run it again once the object has settled)"
+                )
+            f.refreshing = True
+            waiting, resumed = f.forget()
+            self._ranges.undispatched -= waiting
+            self.resumed_bytes -= resumed
+            noticed = time.monotonic()
+        try:
+            # The sidecar forgets the old version's ranges before its part file is replaced.
+            self._save_state()
+            fresh = self._listing(noticed).get(ver.obj.path)
+            if fresh is None:
+                raise NotFoundError(f"{f.what}: gone from the origin while it was being fetched")
+            if gone and fresh.resume_key() == ver.obj.resume_key():
+                raise exc
+            fd = reopen_part(f, fresh, self._reserve)
+            with self._lock:
+                self._retired.append(f.fd)
+                f.start_over(fresh, fd)
+                self._ranges.undispatched += fresh.size
+                self._ranges.rewind()
+                f.restarts += 1
+                f.verify_attempts = 0
+            log.warning("%s; fetching the new version from the start", exc)
+        finally:
+            with self._lock:
+                f.refreshing = False
+                self._lock.notify_all()
+
+    def _listing(self, noticed: float) -> dict[str, RemoteObject]:
+        """The source listed again, once for all the files whose change was noticed before."""
+        assert self._relist is not None
+        with self._relist_lock:
+            if self._listed_at < noticed:
+                self._listed = {o.path: o for o in self._relist()}
+                self._listed_at = time.monotonic()
+            return self._listed
 
     def _fail(self, exc: PrefetchError) -> None:
         with self._lock:
@@ -391,7 +306,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------- hashing
 
-    def _next_to_hash(self) -> _File | None:
+    def _next_to_hash(self) -> PartFile | None:
         with self._lock:
             if self._hash_next >= len(self._files):
                 return None
@@ -413,22 +328,26 @@ class Engine:
                 while True:
                     with self._lock:
                         while not self._stop.is_set() and (
-                            prefix_end(f.intervals) <= f.digests.position
-                            and f.digests.position < f.obj.size
+                            f.refreshing
+                            or prefix_end(f.intervals) <= f.digests.position < f.obj.size
                         ):
                             self._lock.wait(0.5)
                         if self._stop.is_set():
                             return
                         ready = prefix_end(f.intervals)
                         digests = f.digests
-                    if digests.position >= f.obj.size:
-                        if self._finalize(f):
+                        ver = f.current
+                    if digests.position >= ver.obj.size:
+                        if self._finalize(f, ver, digests):
                             break
                         continue
+                    # When the file moves on to a newer version meanwhile, this window of the
+                    # old part file (still open, its size kept) is hashed into digests that
+                    # are thrown away.
                     position = digests.position
                     base = position - position % mmap.ALLOCATIONGRANULARITY
                     end = min(ready, base + HASH_CHUNK)
-                    with mmap.mmap(f.fd, end - base, prot=mmap.PROT_READ, offset=base) as view:
+                    with mmap.mmap(ver.fd, end - base, prot=mmap.PROT_READ, offset=base) as view:
                         view.madvise(mmap.MADV_SEQUENTIAL)
                         with memoryview(view) as whole, whole[position - base :] as chunk:
                             digests.update(chunk)
@@ -437,14 +356,20 @@ class Engine:
         except (OSError, ValueError) as exc:
             self._fail(PrefetchError(f"verifying: {exc}"))
 
-    def _finalize(self, f: _File) -> bool:
-        """Verify a whole file and move it into place; False when it must be fetched again."""
+    def _finalize(self, f: PartFile, ver: Version, digests: Digests) -> bool:
+        """Verify a whole file and move it into place; False when it must be fetched again.
+
+        Once every byte of ``ver`` is in, no range of it is in flight, so nothing can move the
+        file to a newer version any more; one that already did makes this a no-op.
+        """
+        with self._lock:
+            if f.current is not ver or f.digests is not digests or f.refreshing:
+                return False
+            written = covered(f.intervals)
         try:
-            if covered(f.intervals) != f.obj.size or os.fstat(f.fd).st_size != f.obj.size:
-                raise VerificationError(
-                    f"{f.what}: wrote {covered(f.intervals)} of {f.obj.size} bytes"
-                )
-            sha256, verified = f.digests.finish(f.what)
+            if written != f.obj.size or os.fstat(f.fd).st_size != f.obj.size:
+                raise VerificationError(f"{f.what}: wrote {written} of {f.obj.size} bytes")
+            sha256, verified = digests.finish(f.what)
             if f.obj.path.endswith(".safetensors"):
                 check_safetensors(f.fd, f.obj.size, f.what)
                 verified.append("safetensors-header")
@@ -458,11 +383,10 @@ class Engine:
             f.verify_attempts += 1
             log.warning("%s; fetching the whole file again", exc)
             with self._lock:
-                f.intervals = []
-                f.digests = Digests(f.obj.checksums, self.tuning.sha256)
-                f.gaps = deque([(0, f.obj.size)])
-                self._undispatched += f.obj.size
-                self._first_open = 0
+                self.resumed_bytes -= f.forget()[1]
+                f.start_over(f.obj, f.fd)
+                self._ranges.undispatched += f.obj.size
+                self._ranges.rewind()
                 self._lock.notify_all()
             return False
         try:
@@ -488,13 +412,20 @@ class Engine:
         """Completed ranges of every unfinished file, as saved in the sidecar and heartbeats."""
         with self._lock:
             files = {
-                f.obj.path: (f.obj.identity(), list(f.intervals))
+                f.obj.path: (f.obj.resume_key(), list(f.intervals))
                 for f in self._files
                 if f.result is None and f.intervals
             }
         return ranges_json(files)
 
     def _save_state(self) -> None:
+        """Save the completed ranges (after the bytes they claim are on disk). Where the disk
+        is full the state saved before stays in force: the download goes on, and a later
+        run trusts less than it could, never more. Any other error stops the download."""
+        with self._save_lock:
+            self._save_state_locked()
+
+    def _save_state_locked(self) -> None:
         snapshot = self.state()
         if self.tuning.fsync:
             for f in self._files:
@@ -502,9 +433,22 @@ class Engine:
                 if fd >= 0:
                     with contextlib.suppress(OSError):
                         os.fdatasync(fd)
-        write_json_atomic(self.dest / STATE_DIR / PROGRESS, snapshot, fsync=False)
+        path = self.dest / STATE_DIR / PROGRESS
+        try:
+            write_json_atomic(path, snapshot, fsync=self.tuning.fsync)
+        except OSError as exc:
+            error = disk_error(exc, str(path))
+            self._note(error, "the progress saved before stays in force")
+            if not isinstance(error, DiskFullError):
+                self._fail(error)
         if self.on_state is not None:
             self.on_state(snapshot)
+
+    def _note(self, error: PrefetchError, consequence: str) -> None:
+        """Log a failure to save state: a warning while the download runs, a detail once it
+        is failing anyway (most often for the very same reason, a full disk)."""
+        level = logging.DEBUG if self._failure is not None else logging.WARNING
+        log.log(level, "%s; %s", error, consequence)
 
     def stop(self) -> None:
         """Ask a running download to stop; ``run`` raises ``PrefetchError`` after saving state."""
@@ -516,9 +460,11 @@ class Engine:
         began = time.monotonic()
         try:
             skipped = self._prepare()
-        except OSError as exc:
-            raise disk_error(exc, str(self.dest)) from exc
-        total = sum(o.size for o in self._objects)
+        except BaseException as exc:
+            self._close_files()
+            if isinstance(exc, OSError):
+                raise disk_error(exc, str(self.dest)) from exc
+            raise
         hashers = [
             threading.Thread(target=self._hasher, name=f"prefetch-hash-{n}", daemon=True)
             for n in range(HASHERS)
@@ -526,10 +472,7 @@ class Engine:
         for thread in hashers:
             thread.start()
         self._set_target(self._target)
-        auto = self.tuning.connections is None
-        best_rate = 0.0
-        flat_windows = 0
-        settled = not auto
+        tuner = ConnectionTuner(auto=self.tuning.connections is None)
         last_bytes, last_t, last_save = 0, began, began
         rate = 0.0
         try:
@@ -544,16 +487,11 @@ class Engine:
                     window = (fetched - last_bytes) / (now - last_t)
                     rate = window if rate == 0 else 0.5 * rate + 0.5 * window
                     last_bytes, last_t = fetched, now
-                    self._retune(window)
-                    if not settled and fetched > 0:
-                        if window > best_rate * GAIN and self._undispatched > 0:
-                            best_rate = window
-                            flat_windows = 0
-                            self._set_target(self._target + CONNECTION_STEP)
-                        elif best_rate > 0:
-                            flat_windows += 1
-                            settled = flat_windows >= 2
-                    self._report(total, skipped, fetched, rate, now - began)
+                    self._ranges.retune(window, self._target)
+                    target = tuner.window(window, fetched, self._ranges.undispatched, self._target)
+                    if target != self._target:
+                        self._set_target(target)
+                    self._report(skipped, fetched, rate, now - began)
                 if now - last_save >= self.tuning.state_interval_s:
                     last_save = now
                     self._save_state()
@@ -569,42 +507,53 @@ class Engine:
                 thread.join()
             if self._finished < len(self._files):
                 self._save_state()
-            for f in self._files:
-                if f.fd >= 0:
-                    os.close(f.fd)
-                    f.fd = -1
-            self.manifest.save(self.tuning.fsync)
+            self._close_files()
+            try:
+                self.manifest.save(self.tuning.fsync)
+            except OSError as exc:
+                error = disk_error(exc, str(self.manifest.path))
+                self._note(error, "the manifest saved before stays in force")
+                with self._lock:
+                    self._failure = self._failure or error
         if self._failure is not None:
             raise self._failure
-        self._finish_dirs()
+        try:
+            self._finish_dirs()
+        except OSError as exc:
+            raise disk_error(exc, str(self.dest)) from exc
         fetched = sum(self._worker_bytes)
         elapsed = time.monotonic() - began
-        self._report(total, skipped, fetched, fetched / elapsed if elapsed else 0.0, elapsed)
+        self._report(skipped, fetched, fetched / elapsed if elapsed else 0.0, elapsed)
         results = skipped + [f.result for f in self._files if f.result is not None]
         return PrefetchResult(
             destination=str(self.dest),
             files=sorted(results, key=lambda r: r.path),
-            total_bytes=total,
+            total_bytes=self._total(skipped),
             fetched_bytes=fetched,
             resumed_bytes=self.resumed_bytes,
             seconds=elapsed,
             connections=self._target,
-            range_size=self._range,
+            range_size=self._ranges.size,
         )
 
-    def _retune(self, window_rate: float) -> None:
-        """Size ranges so one takes about RANGE_SECONDS at the measured per-connection rate."""
-        if self.tuning.range_size is not None or window_rate <= 0:
-            return
-        per_connection = window_rate / max(1, self._target)
-        size = int(per_connection * RANGE_SECONDS) // MiB * MiB
-        self._range = max(MIN_RANGE, min(MAX_RANGE, size))
+    def _close_files(self) -> None:
+        for f in self._files:
+            if f.fd >= 0:
+                os.close(f.fd)
+                f.fd = -1
+        for fd in self._retired:
+            os.close(fd)
+        self._retired.clear()
 
-    def _report(
-        self, total: int, skipped: list[FileResult], fetched: int, rate: float, elapsed: float
-    ) -> None:
+    def _total(self, skipped: list[FileResult]) -> int:
+        """All bytes of the download (a file that changed at the origin counts as it is now)."""
+        with self._lock:
+            return sum(r.size for r in skipped) + sum(f.obj.size for f in self._files)
+
+    def _report(self, skipped: list[FileResult], fetched: int, rate: float, elapsed: float) -> None:
         if self.on_progress is None:
             return
+        total = self._total(skipped)
         with self._lock:
             # Bytes of ranges still in flight count too, so the bar moves smoothly; bytes
             # fetched twice after a retry can only overstate it until the end, so cap it.
@@ -630,11 +579,5 @@ class Engine:
             (state_dir / PROGRESS).unlink()
         with contextlib.suppress(OSError):
             shutil.rmtree(state_dir / PARTIAL)
-        if not self.tuning.fsync:
-            return
-        for directory in {f.final.parent for f in self._files} | {state_dir}:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if self.tuning.fsync:
+            fsync_dirs({f.final.parent for f in self._files} | {state_dir})

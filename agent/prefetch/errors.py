@@ -13,10 +13,18 @@ class PrefetchError(Exception):
     retryable = True
 
 
-class InvalidSourceError(PrefetchError):
-    """The source URI or the options cannot work (unknown scheme, missing SDK, bad file list)."""
+class InvalidInputError(PrefetchError):
+    """The source, the destination or the options cannot work."""
 
     retryable = False
+
+
+class InvalidSourceError(InvalidInputError):
+    """The source URI or the options cannot work (unknown scheme, missing SDK, bad file list)."""
+
+
+class InvalidDestinationError(InvalidInputError):
+    """The destination cannot hold the download (a file where a directory must be)."""
 
 
 class NotFoundError(PrefetchError):
@@ -45,5 +53,15 @@ class DiskFullError(PrefetchError):
 
 class TransferError(PrefetchError):
     """A range kept failing after every retry (resets, 5xx, truncated bodies)."""
+
+    retryable = True
+
+
+class OriginChangedError(PrefetchError):
+    """The object changed at the origin while it was being fetched (its ETag, Last-Modified or
+    size no longer match the listing), and kept changing after it was fetched again.
+
+    Retryable: a later attempt lists the object anew and may find it settled.
+    """
 
     retryable = True

@@ -8,6 +8,7 @@ manifest only; it never touches the network or the data files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict
@@ -147,14 +148,29 @@ def ranges_json(files: dict[str, tuple[str, list[Interval]]]) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: Any, fsync: bool) -> None:
+    """Replace ``path`` with ``data`` as JSON, or leave it as it was.
+
+    The bytes go to ``path.tmp`` first, which is fsynced (with ``fsync``) and renamed over
+    ``path``. On any failure, a full disk above all, the temporary file is removed and the
+    error raised: ``path`` keeps its previous content and no empty ``.tmp`` is left behind.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as handle:
-        json.dump(data, handle, separators=(",", ":"))
-        if fsync:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    raw = memoryview(json.dumps(data, separators=(",", ":")).encode())
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            while raw:
+                raw = raw[os.write(fd, raw) :]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def read_json(path: Path) -> Any:

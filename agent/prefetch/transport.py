@@ -9,6 +9,12 @@ connection whatever the file size, and every call releases the GIL, so a pool of
 the CPU in the kernel. A minimal HTTP/1.1 client is used instead of ``http.client`` because its
 buffered reader cost about half again as much CPU per byte on a small machine.
 
+Every answer's validators (its ETag, or without one its Last-Modified, and the total of its
+Content-Range) are compared with those the object was listed with, and a 412 (a failed
+``If-Match``) or a whole-object 200 to a conditional range (a failed ``If-Range``) is read the
+same way: ``OriginChangedError``, before a byte of the body is written. That costs a few
+dictionary look-ups per answer, on headers already read.
+
 This module classifies failures into the prefetch error tree; it never retries (the engine
 does) and knows nothing about stores or signatures.
 """
@@ -25,12 +31,14 @@ import ssl
 import struct
 import threading
 from collections.abc import Callable
+from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
 
 from agent.prefetch.errors import (
     AuthError,
     DiskFullError,
     NotFoundError,
+    OriginChangedError,
     PrefetchError,
     TransferError,
 )
@@ -242,9 +250,45 @@ def _raise_for_status(head: _Head, body: bytes, what: str) -> None:
         raise AuthError(f"{what}: access denied: {_describe(head, body)}")
     if status in (404, 410):
         raise NotFoundError(f"{what}: not found: {_describe(head, body)}")
+    if status == 412:
+        raise OriginChangedError(
+            f"{what}: the object changed at the origin ({_describe(head, body)}: it no longer "
+            "matches the version that was listed)"
+        )
+    if status == 416:
+        raise OriginChangedError(
+            f"{what}: the object changed at the origin ({_describe(head, body)}: it is now "
+            "shorter than the listing said)"
+        )
     if status in (408, 425, 429) or status >= 500:
         raise RetryableError(f"{what}: {_describe(head, body)}")
     raise TransferError(f"{what}: unexpected answer {_describe(head, body)}")
+
+
+def _same_date(a: str, b: str) -> bool:
+    try:
+        return parsedate_to_datetime(a) == parsedate_to_datetime(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_validators(head: _Head, etag: str, last_modified: str, what: str) -> None:
+    """Raise ``OriginChangedError`` unless the answer is of the version that was listed: its
+    ETag (weak or strong alike) when both sides have one, else its Last-Modified."""
+    got = head.get("etag")
+    if etag and got:
+        if got != etag and got.removeprefix("W/") != etag.removeprefix("W/"):
+            raise OriginChangedError(
+                f"{what}: the object changed at the origin (ETag {got}, listed as {etag})"
+            )
+        return
+    modified = head.get("last-modified")
+    changed = last_modified and modified and modified != last_modified
+    if changed and not _same_date(modified or "", last_modified):
+        raise OriginChangedError(
+            f"{what}: the object changed at the origin (Last-Modified {modified}, "
+            f"listed as {last_modified})"
+        )
 
 
 def _check_body_framing(head: _Head, start: int, length: int, whole_size: int, what: str) -> None:
@@ -256,16 +300,22 @@ def _check_body_framing(head: _Head, start: int, length: int, whole_size: int, w
         if match is None:
             raise TransferError(f"{what}: a partial answer without a valid Content-Range header")
         first, last, total = int(match.group(1)), int(match.group(2)), match.group(3)
+        if total != "*" and int(total) != whole_size:
+            raise OriginChangedError(
+                f"{what}: the object changed at the origin (it is now {total} bytes, the "
+                f"listing said {whole_size})"
+            )
         if first != start or last != start + length - 1:
             raise TransferError(
                 f"{what}: asked for bytes {start}-{start + length - 1}, got {first}-{last}"
             )
-        if total != "*" and int(total) != whole_size:
-            raise TransferError(
-                f"{what}: the object is now {total} bytes, the listing said {whole_size}; "
-                "it changed during the download"
+    elif start == 0 and length == whole_size:
+        if declared is not None and declared.isdigit() and int(declared) != whole_size:
+            raise OriginChangedError(
+                f"{what}: the object changed at the origin (it is now {declared} bytes, the "
+                f"listing said {whole_size})"
             )
-    elif start != 0 or length != whole_size:
+    else:
         raise TransferError(
             f"{what}: the origin ignored the Range header (HTTP 200 for bytes "
             f"{start}-{start + length - 1}); it cannot serve a parallel download"
@@ -288,12 +338,17 @@ def fetch_range(
     on_bytes: Callable[[int], None],
     stop: threading.Event,
     what: str,
+    etag: str = "",
+    last_modified: str = "",
 ) -> None:
     """GET bytes ``[start, start+length)`` of ``url`` and pwrite them at ``start`` into ``fd``.
 
     ``on_bytes`` is called after each write with the byte count, so a caller that retries knows
-    how far the range got. Raises ``RetryableError`` for transient failures and the matching
-    ``PrefetchError`` subclass for the rest.
+    how far the range got (it may raise ``RetryableError`` itself to abandon the range).
+    ``headers`` carry the precondition (``If-Range``, ``If-Match``); ``etag`` and
+    ``last_modified`` are the listed validators each answer is checked against. Raises
+    ``RetryableError`` for transient failures, ``OriginChangedError`` when the answer is of
+    another version than the listed one, and the matching ``PrefetchError`` for the rest.
     """
     for _ in range(_MAX_REDIRECTS + 1):
         parts = urlsplit(url)
@@ -322,6 +377,7 @@ def fetch_range(
                 continue
             if head.status not in (200, 206):
                 _raise_for_status(head, _read_small_body(conn, head), what)
+            _check_validators(head, etag, last_modified, what)
             _check_body_framing(head, start, length, whole_size, what)
             _copy_body(conn, start, length, fd, buf, on_bytes, stop, what)
             reusable = not head.will_close

@@ -4,7 +4,9 @@ through a read-only SAS URL (``Range`` works on it).
 Credentials come from a connection string (``SourceOptions.azure_connection_string`` or
 ``AZURE_STORAGE_CONNECTION_STRING``): with an account key a short-lived SAS is signed for each
 blob; with a ``SharedAccessSignature`` it is appended as is. The blob's Content-MD5, when set,
-is verified.
+is verified. Every range carries ``If-Match: <the listed ETag>`` (Blob storage answers 412 once
+the blob is overwritten and, like Azurite, ignores ``If-Range``); a SAS does not sign request
+headers, so the precondition needs nothing more.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from agent.prefetch.errors import (
     PrefetchError,
     TransferError,
 )
-from agent.prefetch.model import RemoteObject, safe_relpath
-from agent.prefetch.sources.base import SourceOptions, relative_key, require, split_bucket
+from agent.prefetch.model import RemoteObject, http_date, safe_relpath
+from agent.prefetch.sources.base import Listing, SourceOptions, relative_key, require, split_bucket
 
 
 def _connection_string(options: SourceOptions) -> str:
@@ -61,7 +63,7 @@ def _error(uri: str, exc: Exception) -> PrefetchError:
     return TransferError(f"{uri}: {type(exc).__name__}: {exc}")
 
 
-def resolve_azure(uri: str, options: SourceOptions) -> list[RemoteObject]:
+def resolve_azure(uri: str, options: SourceOptions) -> Listing:
     try:
         from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
     except ImportError:
@@ -90,12 +92,17 @@ def resolve_azure(uri: str, options: SourceOptions) -> list[RemoteObject]:
     def make(client: Any, props: Any, path: str) -> RemoteObject:
         blob = client.get_blob_client(container, props.name)
         md5 = props.content_settings.content_md5 if props.content_settings else None
+        etag = str(props.etag or "")
+        modified = props.last_modified
         return RemoteObject(
             path=path,
             size=int(props.size),
             url=f"{blob.url}?{sas_for(client, props.name)}",
             checksums={"md5": bytes(md5).hex()} if md5 else {},
-            version=str(props.etag).strip('"'),
+            version=etag.strip('"'),
+            etag=etag if not etag or etag.startswith(('"', "W/")) else f'"{etag}"',
+            last_modified=http_date(modified) if isinstance(modified, datetime) else "",
+            precondition="if-match",
         )
 
     try:
@@ -110,7 +117,8 @@ def resolve_azure(uri: str, options: SourceOptions) -> list[RemoteObject]:
                 if getattr(exc, "error_code", None) == "ContainerNotFound":
                     raise
             else:
-                return [make(service, props, safe_relpath(relative_key(prefix, prefix)))]
+                path = safe_relpath(relative_key(prefix, prefix))
+                return Listing([make(service, props, path)], single=True)
             prefix += "/"
         objects = [
             make(service, props, safe_relpath(relative_key(props.name, prefix)))
@@ -123,4 +131,4 @@ def resolve_azure(uri: str, options: SourceOptions) -> list[RemoteObject]:
         raise _error(uri, exc) from exc
     if not objects:
         raise NotFoundError(f"{uri}: no blobs under az://{container}/{prefix}")
-    return objects
+    return Listing(objects)

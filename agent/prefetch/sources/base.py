@@ -1,4 +1,5 @@
-"""What every source shares: how to reach the store, and parsing of bucket URIs.
+"""What every source shares: how to reach the store, what a listing returns, and parsing of
+bucket URIs.
 
 Each source module (``s3``, ``gcs``, ``azure``, ``http``) imports this one, never the package
 that picks among them.
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from agent.prefetch.errors import InvalidSourceError
+from agent.prefetch.model import RemoteObject
 
 SIGNED_URL_EXPIRY_S = 6 * 3600
 
@@ -21,6 +23,15 @@ class SourceOptions:
     endpoint_url: str | None = None
     azure_connection_string: str | None = None
     expires_s: int = SIGNED_URL_EXPIRY_S
+
+
+@dataclass
+class Listing:
+    """What a URI resolved to. ``single``: the URI named one object itself (a key, a blob, a
+    file URL), not a prefix, nor a base URL with a file list that happens to hold one file."""
+
+    objects: list[RemoteObject]
+    single: bool = False
 
 
 def split_bucket(uri: str) -> tuple[str, str]:

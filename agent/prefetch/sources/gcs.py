@@ -4,6 +4,11 @@ the JSON API's media endpoint (``alt=media``, pinned to the listed generation), 
 
 The listing's CRC32C (or, without one, its MD5) is verified. Bearer tokens are taken once
 at listing time; they last about an hour, which bounds one prefetch without a refresh.
+
+The URL itself is the precondition: it names the listed generation, so every range is of that
+generation or answers 404 once it is gone (the engine then lists again and, finding a newer
+generation, fetches that one from the start). No ETag is compared: the media endpoint's ETag
+is not the listing's.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from urllib.parse import quote
 
 from agent.prefetch.errors import AuthError, NotFoundError, PrefetchError, TransferError
 from agent.prefetch.model import RemoteObject, safe_relpath
-from agent.prefetch.sources.base import SourceOptions, relative_key, require, split_bucket
+from agent.prefetch.sources.base import Listing, SourceOptions, relative_key, require, split_bucket
 from agent.prefetch.verify import b64_to_hex
 
 PUBLIC_ENDPOINT = "https://storage.googleapis.com"
@@ -81,7 +86,7 @@ def _object(blob: Any, bucket: str, path: str, base: str, headers: dict[str, str
     )
 
 
-def resolve_gcs(uri: str, options: SourceOptions) -> list[RemoteObject]:
+def resolve_gcs(uri: str, options: SourceOptions) -> Listing:
     bucket, prefix = split_bucket(uri)
     try:
         client, base, headers = _client(options)
@@ -89,7 +94,7 @@ def resolve_gcs(uri: str, options: SourceOptions) -> list[RemoteObject]:
             blob = client.bucket(bucket).get_blob(prefix)
             if blob is not None:
                 path = safe_relpath(relative_key(prefix, prefix))
-                return [_object(blob, bucket, path, base, headers)]
+                return Listing([_object(blob, bucket, path, base, headers)], single=True)
             prefix += "/"
         objects = [
             _object(blob, bucket, safe_relpath(relative_key(blob.name, prefix)), base, headers)
@@ -102,4 +107,4 @@ def resolve_gcs(uri: str, options: SourceOptions) -> list[RemoteObject]:
         raise _error(uri, exc) from exc
     if not objects:
         raise NotFoundError(f"{uri}: no objects under gs://{bucket}/{prefix}")
-    return objects
+    return Listing(objects)

@@ -2,7 +2,8 @@
 
 Sizes come from ``HEAD`` (or a one-byte ranged GET where ``HEAD`` is refused). An ETag of 64 hex
 digits (as model hubs give for large files) is taken as the file's sha256; a file list entry may
-also carry one (``name sha256``). Only the standard library is used, no SDK.
+also carry one (``name sha256``). The ETag and Last-Modified of that answer become the
+``If-Range`` validator of every range. Only the standard library is used, no SDK.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from urllib.parse import quote, urljoin
 
 from agent.prefetch.errors import (
@@ -21,7 +23,7 @@ from agent.prefetch.errors import (
     TransferError,
 )
 from agent.prefetch.model import RemoteObject, safe_relpath
-from agent.prefetch.sources.base import SourceOptions
+from agent.prefetch.sources.base import Listing, SourceOptions
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE_TOTAL = re.compile(r"bytes \d+-\d+/(\d+)")
@@ -35,22 +37,32 @@ def _error(url: str, exc: urllib.error.HTTPError) -> PrefetchError:
     return TransferError(f"{url}: HTTP {exc.code} {exc.reason}")
 
 
-def _probe(url: str, timeout_s: float = 30.0) -> tuple[int, str]:
-    """(size, etag) of ``url``."""
+@dataclass
+class _Probe:
+    size: int
+    version: str  # X-Linked-Etag (a model hub's content hash) or else the ETag
+    etag: str  # the ETag of the answer itself, the one that range answers carry
+    last_modified: str
+
+
+def _probe(url: str, timeout_s: float = 30.0) -> _Probe:
+    """Size and validators of ``url``."""
     for method, headers in (("HEAD", {}), ("GET", {"Range": "bytes=0-0"})):
         request = urllib.request.Request(url, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-                etag = resp.headers.get("X-Linked-Etag") or resp.headers.get("ETag") or ""
+                etag = resp.headers.get("ETag") or ""
+                version = resp.headers.get("X-Linked-Etag") or etag
+                modified = resp.headers.get("Last-Modified") or ""
                 linked = resp.headers.get("X-Linked-Size")
                 if method == "GET":
                     total = _CONTENT_RANGE_TOTAL.fullmatch(resp.headers.get("Content-Range", ""))
                     if total is None:
                         raise TransferError(f"{url}: the origin does not honour Range requests")
-                    return int(total.group(1)), etag
+                    return _Probe(int(total.group(1)), version, etag, modified)
                 length = linked or resp.headers.get("Content-Length")
                 if length is not None:
-                    return int(length), etag
+                    return _Probe(int(length), version, etag, modified)
         except urllib.error.HTTPError as exc:
             if method == "HEAD" and exc.code in (405, 501):
                 continue
@@ -61,14 +73,23 @@ def _probe(url: str, timeout_s: float = 30.0) -> tuple[int, str]:
 
 
 def _object(url: str, path: str, sha256: str | None) -> RemoteObject:
-    size, etag = _probe(url)
-    bare = etag.removeprefix("W/").strip('"').lower()
+    probe = _probe(url)
+    bare = probe.version.removeprefix("W/").strip('"').lower()
     checksums: dict[str, str] = {}
     if sha256:
         checksums["sha256"] = sha256.lower()
     elif _SHA256.fullmatch(bare):
         checksums["sha256"] = bare
-    return RemoteObject(path=path, size=size, url=url, checksums=checksums, version=bare)
+    return RemoteObject(
+        path=path,
+        size=probe.size,
+        url=url,
+        checksums=checksums,
+        version=bare,
+        etag=probe.etag,
+        last_modified=probe.last_modified,
+        precondition="if-range",
+    )
 
 
 def parse_file_list(lines: list[str]) -> list[tuple[str, str | None]]:
@@ -85,12 +106,12 @@ def parse_file_list(lines: list[str]) -> list[tuple[str, str | None]]:
     return entries
 
 
-def resolve_http(uri: str, options: SourceOptions) -> list[RemoteObject]:
+def resolve_http(uri: str, options: SourceOptions) -> Listing:
     if not uri.endswith("/"):
         if options.files:
             raise InvalidSourceError(f"{uri!r}: a file list needs a base URL ending in '/'")
         name = uri.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-        return [_object(uri, safe_relpath(name), None)]
+        return Listing([_object(uri, safe_relpath(name), None)], single=True)
     entries = parse_file_list(options.files)
     if not entries:
         raise InvalidSourceError(
@@ -101,4 +122,4 @@ def resolve_http(uri: str, options: SourceOptions) -> list[RemoteObject]:
             pool.submit(_object, urljoin(uri, quote(name)), safe_relpath(name), sha)
             for name, sha in entries
         ]
-        return [future.result() for future in futures]
+        return Listing([future.result() for future in futures])

@@ -3,12 +3,18 @@ GET for each object, which the engine then reads with ``Range``.
 
 The endpoint comes from ``SourceOptions.endpoint_url`` or boto3's own ``AWS_ENDPOINT_URL``;
 with a custom endpoint, path-style addressing is used. A single-part ETag is the object's MD5
-and is verified; multipart ETags are kept only to detect a changed object on resume.
+and is verified; multipart ETags are kept only to detect a changed object.
+
+Every range is sent with ``If-Match: <the listed ETag>``: S3 (and MinIO, SeaweedFS) answer 412
+once the object has been overwritten. S3 documents no ``If-Range`` on GET, and S3-compatible
+stores ignore it, which is why this one is used. A presigned GET signs only the ``host``
+header, so the precondition travels unsigned.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Any
 
 from agent.prefetch.errors import (
@@ -18,8 +24,8 @@ from agent.prefetch.errors import (
     PrefetchError,
     TransferError,
 )
-from agent.prefetch.model import RemoteObject, safe_relpath
-from agent.prefetch.sources.base import SourceOptions, relative_key, require, split_bucket
+from agent.prefetch.model import RemoteObject, http_date, safe_relpath
+from agent.prefetch.sources.base import Listing, SourceOptions, relative_key, require, split_bucket
 
 _MD5 = re.compile(r"[0-9a-f]{32}")
 _AUTH_CODES = {
@@ -68,17 +74,30 @@ def _error(uri: str, exc: Exception) -> PrefetchError:
 
 
 def _object(
-    client: Any, bucket: str, key: str, path: str, size: int, etag: str, expires: int
+    client: Any, bucket: str, key: str, path: str, item: dict[str, Any], expires: int
 ) -> RemoteObject:
+    """``item``: a ``list_objects_v2`` entry (``Size``) or a ``head_object`` answer
+    (``ContentLength``)."""
+    etag = str(item.get("ETag", ""))
     bare = etag.strip('"').lower()
     url = client.generate_presigned_url(
         "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires
     )
     checksums = {"md5": bare} if _MD5.fullmatch(bare) else {}
-    return RemoteObject(path=path, size=size, url=url, checksums=checksums, version=bare)
+    modified = item.get("LastModified")
+    return RemoteObject(
+        path=path,
+        size=int(item["Size"] if "Size" in item else item["ContentLength"]),
+        url=url,
+        checksums=checksums,
+        version=bare,
+        etag=etag,
+        last_modified=http_date(modified) if isinstance(modified, datetime) else "",
+        precondition="if-match",
+    )
 
 
-def resolve_s3(uri: str, options: SourceOptions) -> list[RemoteObject]:
+def resolve_s3(uri: str, options: SourceOptions) -> Listing:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = split_bucket(uri)
@@ -93,17 +112,8 @@ def resolve_s3(uri: str, options: SourceOptions) -> list[RemoteObject]:
                     raise
             else:
                 path = safe_relpath(relative_key(prefix, prefix))
-                return [
-                    _object(
-                        client,
-                        bucket,
-                        prefix,
-                        path,
-                        int(head["ContentLength"]),
-                        str(head.get("ETag", "")),
-                        options.expires_s,
-                    )
-                ]
+                obj = _object(client, bucket, prefix, path, head, options.expires_s)
+                return Listing([obj], single=True)
             prefix += "/"
         paginator = client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
@@ -112,21 +122,11 @@ def resolve_s3(uri: str, options: SourceOptions) -> list[RemoteObject]:
                 if key.endswith("/"):
                     continue  # a "directory marker" object
                 path = safe_relpath(relative_key(key, prefix))
-                objects.append(
-                    _object(
-                        client,
-                        bucket,
-                        key,
-                        path,
-                        int(item["Size"]),
-                        str(item.get("ETag", "")),
-                        options.expires_s,
-                    )
-                )
+                objects.append(_object(client, bucket, key, path, item, options.expires_s))
     except (ClientError, BotoCoreError) as exc:
         raise _error(uri, exc) from exc
     if not objects:
         raise NotFoundError(f"{uri}: no objects under s3://{bucket}/{prefix}")
     if any(o.path == "" for o in objects):
         raise InvalidSourceError(f"{uri}: an object key maps to an empty path")
-    return objects
+    return Listing(objects)

@@ -1,7 +1,12 @@
 """A small HTTP origin for prefetch tests that serves files with ``Range`` support and injects
 faults on demand: connection resets mid-body, 5xx answers, truncated bodies, corrupted bytes,
-403/404, and a byte-rate throttle. It counts the body bytes it sends per file, so tests can
-assert exactly how much was fetched (and fetched twice).
+403/404, an object replaced between two requests, and a byte-rate throttle. It counts the body
+bytes it sends per file, so tests can assert exactly how much was fetched (and fetched twice).
+
+Per file it can send an ETag and a Last-Modified date (each new version gets new ones) and
+honour ``If-Range`` (RFC 9110: a validator that no longer matches turns a range request into a
+200 with the whole object; or it ignores the header, as S3-compatible stores do), ``If-Match``
+and ``If-Unmodified-Since`` (412 once the object changed).
 
 Test-only: it binds to loopback and is never used by the product code.
 """
@@ -14,25 +19,38 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from email.utils import formatdate, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 STALL_S = 3.0
+# Last-Modified of a file's first version; each later version is one second younger.
+EPOCH = 1_700_000_000
 
 
 @dataclass
 class Fault:
     """``kind``: ``reset``, ``truncate`` (after ``after`` body bytes), ``stall`` (send ``after``
     body bytes, then nothing for STALL_S seconds, then close), ``status`` (answer ``status``),
-    ``corrupt`` (flip one byte). ``times`` faults are served (None: forever);
-    ``skip`` requests pass untouched first."""
+    ``corrupt`` (flip one byte), ``change`` (replace the object by ``data``, a new version
+    with a new ETag and Last-Modified, then answer the request). ``times`` faults are served
+    (None: forever); ``skip`` requests pass untouched first."""
 
     kind: str
     times: int | None = 1
     after: int = 0
     status: int = 503
     skip: int = 0
+    data: bytes = b""
+
+
+@dataclass
+class _Meta:
+    etag: bool
+    last_modified: bool
+    if_range: bool
+    version: int = 0
 
 
 class FaultyOrigin:
@@ -42,6 +60,7 @@ class FaultyOrigin:
         self.served: dict[str, int] = {}
         self.requests: dict[str, int] = {}
         self.injected: dict[str, int] = {}
+        self.meta: dict[str, _Meta] = {}
         self.rate: float | None = None
         self.active = 0
         self.lock = threading.Lock()
@@ -74,13 +93,39 @@ class FaultyOrigin:
         self.server.shutdown()
         self.server.server_close()
 
-    def add(self, name: str, data: bytes, *faults: Fault) -> str:
+    def add(
+        self,
+        name: str,
+        data: bytes,
+        *faults: Fault,
+        etag: bool = False,
+        last_modified: bool = False,
+        if_range: bool = True,
+    ) -> str:
+        """Serve ``data`` as ``name``, with an ETag and/or Last-Modified when asked; with
+        ``if_range`` False the ``If-Range`` header is ignored."""
         with self.lock:
             self.files[name] = data
             self.faults[name] = list(faults)
             self.served[name] = 0
             self.requests[name] = 0
+            self.meta[name] = _Meta(etag, last_modified, if_range)
         return self.base + name
+
+    def replace(self, name: str, data: bytes) -> None:
+        """A new version of ``name``: new bytes, ETag and Last-Modified."""
+        with self.lock:
+            self.files[name] = data
+            self.meta[name].version += 1
+
+    def validators(self, name: str) -> tuple[str | None, str | None]:
+        """The (ETag, Last-Modified) ``name`` is served with now (None when not sent)."""
+        with self.lock:
+            meta = self.meta[name]
+            return (
+                f'"v{meta.version}-{len(self.files[name]):x}"' if meta.etag else None,
+                formatdate(EPOCH + meta.version, usegmt=True) if meta.last_modified else None,
+            )
 
     def set_faults(self, name: str, *faults: Fault) -> None:
         with self.lock:
@@ -128,6 +173,12 @@ class FaultyOrigin:
         name = req.path.lstrip("/").split("?", 1)[0]
         data = self.files.get(name)
         fault = None if head else self._next_fault(name) if data is not None else None
+        if data is not None and fault is not None and fault.kind == "change":
+            self.replace(name, fault.data)
+            data, fault = fault.data, None
+        etag, modified = self.validators(name) if data is not None else (None, None)
+        if data is not None and not self._preconditions_hold(req, etag, modified):
+            fault = Fault("status", status=412)
         if data is None or (fault is not None and fault.kind == "status"):
             status = 404 if data is None else fault.status if fault else 500
             body = f"status {status}\n".encode()
@@ -139,6 +190,8 @@ class FaultyOrigin:
             return
         start, end = 0, len(data) - 1
         header = req.headers.get("Range")
+        if header and not self._if_range_holds(req, name, etag, modified):
+            header = None  # the client's copy is stale: send the whole current object
         partial = False
         if header:
             match = _RANGE.fullmatch(header.strip())
@@ -154,6 +207,10 @@ class FaultyOrigin:
         req.send_response(206 if partial else 200)
         req.send_header("Content-Length", str(len(body)))
         req.send_header("Accept-Ranges", "bytes")
+        if etag is not None:
+            req.send_header("ETag", etag)
+        if modified is not None:
+            req.send_header("Last-Modified", modified)
         if partial:
             req.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
         req.end_headers()
@@ -174,6 +231,29 @@ class FaultyOrigin:
         elif fault is not None and fault.kind == "stall":
             time.sleep(STALL_S)
             req.close_connection = True
+
+    @staticmethod
+    def _preconditions_hold(
+        req: BaseHTTPRequestHandler, etag: str | None, modified: str | None
+    ) -> bool:
+        match = req.headers.get("If-Match")
+        if match is not None and match.strip() != "*" and (etag is None or match.strip() != etag):
+            return False
+        since = req.headers.get("If-Unmodified-Since")
+        if since is not None and modified is not None:
+            return parsedate_to_datetime(modified) <= parsedate_to_datetime(since)
+        return True
+
+    def _if_range_holds(
+        self, req: BaseHTTPRequestHandler, name: str, etag: str | None, modified: str | None
+    ) -> bool:
+        value = req.headers.get("If-Range")
+        if value is None or not self.meta[name].if_range:
+            return True
+        value = value.strip()
+        if value.startswith(('"', "W/")):
+            return etag is not None and value == etag  # strong comparison
+        return modified is not None and value == modified
 
     def _send(self, req: BaseHTTPRequestHandler, name: str, body: memoryview) -> None:
         chunk = 64 * 1024

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.prefetch import AuthError, NotFoundError, prefetch
+from agent.prefetch import AuthError, Engine, NotFoundError, prefetch
 from tests.agent.prefetch.conftest import fast_tuning, free_port, stop, wait_port
 
 blob: Any = pytest.importorskip("azure.storage.blob")
@@ -103,6 +103,11 @@ def test_single_blob(service: Any, tmp_path: Path) -> None:
     result = prefetch("az://models/one/model.bin", tmp_path, tuning=fast_tuning())
     assert [f.path for f in result.files] == ["model.bin"]
     assert (tmp_path / "model.bin").read_bytes() == files["model.bin"]
+    # With cp semantics (the CLI) a blob names the file itself; a prefix a directory.
+    prefetch("az://models/one/model.bin", tmp_path / "w.bin", tuning=fast_tuning(), copy=True)
+    assert (tmp_path / "w.bin").read_bytes() == files["model.bin"]
+    prefetch("az://models/one", tmp_path / "dir", tuning=fast_tuning(), copy=True)
+    assert (tmp_path / "dir" / "model.bin").read_bytes() == files["model.bin"]
 
 
 def test_wrong_key_is_an_auth_error(
@@ -121,3 +126,23 @@ def test_missing_container_and_prefix_are_not_found(service: Any, tmp_path: Path
         prefetch("az://no-such-container/x/", tmp_path, tuning=fast_tuning())
     with pytest.raises(NotFoundError, match="no blobs"):
         prefetch("az://models/absent/", tmp_path, tuning=fast_tuning())
+
+
+def test_blob_overwritten_after_listing_is_fetched_as_the_new_version(
+    service: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every SAS range carries ``If-Match`` with the listed ETag: Azurite answers 412
+    (ConditionNotMet) for the overwritten blob, and the new version is fetched and verified."""
+    box = service.get_container_client("models")
+    if not box.exists():
+        box.create_container()
+    old, new = os.urandom(2 * MiB), os.urandom(2 * MiB)
+    box.upload_blob("swap/w.bin", old, overwrite=True)
+
+    def overwrite(_: Engine) -> None:  # after the listing, before the first range
+        box.upload_blob("swap/w.bin", new, overwrite=True)
+
+    result = prefetch("az://models/swap/", tmp_path, tuning=fast_tuning(), engine_ready=overwrite)
+    assert (tmp_path / "w.bin").read_bytes() == new
+    assert "fetching the new version from the start" in caplog.text
+    assert result.files[0].verified_with == ["md5"]

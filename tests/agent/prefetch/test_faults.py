@@ -23,8 +23,9 @@ from agent.prefetch import (
     VerificationError,
     prefetch,
 )
-from agent.prefetch.engine import _memory_backed
-from agent.prefetch.state import STATE_DIR, covered, parse_ranges
+from agent.prefetch.model import RemoteObject
+from agent.prefetch.parts import memory_backed
+from agent.prefetch.state import STATE_DIR, covered, parse_ranges, ranges_json
 from tests.agent.prefetch.conftest import fast_tuning, safetensors_bytes, small_tmpfs
 from tests.agent.prefetch.faults import Fault, FaultyOrigin
 
@@ -130,12 +131,36 @@ def test_full_disk(origin: FaultyOrigin, tmp_path: Path) -> None:
         assert origin.served["w.bin"] == 0
 
 
+@pytest.mark.parametrize("saved", [False, True], ids=["nothing-saved", "half-saved"])
+def test_rerun_counts_what_the_part_file_already_holds(
+    origin: FaultyOrigin, tmp_path: Path, saved: bool
+) -> None:
+    """A run that died on a full disk left a part file holding 3 MiB (more than its progress
+    says, or with no progress at all); with 1 MiB free the rerun fits all the same: those
+    blocks are rewritten in place, or given back when the part file starts over."""
+    with small_tmpfs(tmp_path / "small", 4) as small:
+        data = os.urandom(3 * MiB)
+        origin.add("w.bin", data)
+        state = small / "model" / STATE_DIR
+        (state / "partial").mkdir(parents=True)
+        (state / "partial" / "w.bin.part").write_bytes(data[: 2 * MiB] + bytes(MiB))
+        if saved:
+            key = RemoteObject(path="w.bin", size=len(data), url="").resume_key()
+            ranges = ranges_json({"w.bin": (key, [(0, 3 * MiB // 2)])})
+            (state / "progress.json").write_text(json.dumps(ranges))
+        assert os.statvfs(small).f_bavail * os.statvfs(small).f_frsize < len(data)
+        result = _fetch(origin, small / "model", ["w.bin"])
+        assert (small / "model" / "w.bin").read_bytes() == data
+        assert result.resumed_bytes == (3 * MiB // 2 if saved else 0)  # type: ignore[attr-defined]
+        assert origin.served["w.bin"] == len(data) - result.resumed_bytes  # type: ignore[attr-defined]
+
+
 def test_tmpfs_destination_is_sized_but_not_zero_filled(
     origin: FaultyOrigin, tmp_path: Path
 ) -> None:
     with small_tmpfs(tmp_path / "small", 8) as small:
-        assert _memory_backed(small)
-        assert not _memory_backed(small / "missing")
+        assert memory_backed(small)
+        assert not memory_backed(small / "missing")
         data = os.urandom(3 * MiB)
         origin.add("w.bin", data)
         origin.rate = 1 * MiB  # per connection, so the download is still running below

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.prefetch import NotFoundError, SourceOptions, prefetch
+from agent.prefetch import Engine, NotFoundError, SourceOptions, prefetch
 from tests.agent.prefetch.conftest import fast_tuning, free_port, stop, wait_port
 
 storage: Any = pytest.importorskip("google.cloud.storage")
@@ -115,6 +115,13 @@ def test_single_object_and_endpoint_option(
     )
     assert [f.path for f in result.files] == ["shard-2.bin"]
     assert (tmp_path / "shard-2.bin").read_bytes() == files["weights/shard-2.bin"]
+    # With cp semantics (the CLI) an object names the file itself; a prefix a directory.
+    options = SourceOptions(endpoint_url=gcs_host)
+    one = "gs://weights/one/weights/shard-2.bin"
+    prefetch(one, tmp_path / "w.bin", options, fast_tuning(), copy=True)
+    assert (tmp_path / "w.bin").read_bytes() == files["weights/shard-2.bin"]
+    prefetch("gs://weights/one/weights", tmp_path / "dir", options, fast_tuning(), copy=True)
+    assert (tmp_path / "dir" / "shard-2.bin").read_bytes() == files["weights/shard-2.bin"]
 
 
 def test_missing_bucket_and_prefix_are_not_found(emulator: Any, tmp_path: Path) -> None:
@@ -123,3 +130,36 @@ def test_missing_bucket_and_prefix_are_not_found(emulator: Any, tmp_path: Path) 
         prefetch("gs://no-such-bucket/x/", tmp_path, tuning=fast_tuning())
     with pytest.raises(NotFoundError, match="no objects"):
         prefetch("gs://weights/absent/", tmp_path, tuning=fast_tuning())
+
+
+def test_object_overwritten_after_listing_is_fetched_as_the_new_version(
+    emulator: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ranges name the listed generation; once it is overwritten they answer 404, the engine
+    lists the object again and fetches the new generation, whose CRC32C is verified."""
+    bucket = emulator.bucket("weights")
+    if not bucket.exists():
+        bucket = emulator.create_bucket("weights")
+    old, new = os.urandom(2 * MiB), os.urandom(2 * MiB)
+    bucket.blob("swap/w.bin").upload_from_string(old)
+
+    def overwrite(_: Engine) -> None:  # after the listing, before the first range
+        bucket.blob("swap/w.bin").upload_from_string(new)
+
+    result = prefetch("gs://weights/swap/", tmp_path, tuning=fast_tuning(), engine_ready=overwrite)
+    assert (tmp_path / "w.bin").read_bytes() == new
+    assert "fetching the new version from the start" in caplog.text
+    assert result.files[0].verified_with == ["crc32c"]
+
+
+def test_object_deleted_after_listing_is_not_found(emulator: Any, tmp_path: Path) -> None:
+    bucket = emulator.bucket("weights")
+    if not bucket.exists():
+        bucket = emulator.create_bucket("weights")
+    bucket.blob("gone/w.bin").upload_from_string(os.urandom(MiB))
+
+    def delete(_: Engine) -> None:
+        bucket.blob("gone/w.bin").delete()
+
+    with pytest.raises(NotFoundError):
+        prefetch("gs://weights/gone/", tmp_path, tuning=fast_tuning(), engine_ready=delete)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.prefetch import InvalidSourceError, NotFoundError, SourceOptions, prefetch
+from agent.prefetch import Engine, InvalidSourceError, NotFoundError, SourceOptions, prefetch
 from agent.prefetch.state import STATE_DIR
 from tests.agent.prefetch.conftest import Nginx, fast_tuning, safetensors_bytes
 
@@ -86,3 +86,25 @@ def test_missing_file_is_not_found(nginx: Nginx, tmp_path: Path) -> None:
 def test_directory_url_needs_a_file_list(nginx: Nginx, tmp_path: Path) -> None:
     with pytest.raises(InvalidSourceError, match="name the files"):
         prefetch(nginx.base, tmp_path, tuning=fast_tuning())
+
+
+def test_file_replaced_after_listing_is_fetched_as_the_new_version(
+    nginx: Nginx, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nginx answers a stale ``If-Range`` with the whole new file (200): the first range finds
+    the new ETag, the engine lists the file again and fetches the new version."""
+    path = nginx.root / "replaced.bin"
+    old, new = os.urandom(3 * 1024 * 1024), os.urandom(3 * 1024 * 1024)
+    path.write_bytes(old)
+    listed = os.stat(path).st_mtime
+
+    def overwrite(_: Engine) -> None:  # after the listing, before the first range
+        path.write_bytes(new)
+        os.utime(path, (listed + 10, listed + 10))  # nginx's ETag is size and whole seconds
+
+    result = prefetch(
+        nginx.base + "replaced.bin", tmp_path, tuning=fast_tuning(), engine_ready=overwrite
+    )
+    assert (tmp_path / "replaced.bin").read_bytes() == new
+    assert "fetching the new version from the start" in caplog.text
+    assert result.files[0].sha256 == hashlib.sha256(new).hexdigest()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from agent.prefetch import AuthError, NotFoundError, SourceOptions, prefetch
+from agent.prefetch import AuthError, Engine, NotFoundError, SourceOptions, prefetch
 from agent.prefetch.state import STATE_DIR
 from tests.agent.prefetch.conftest import fast_tuning, free_port, stop, wait_port
 
@@ -171,6 +171,11 @@ def test_prefix_without_slash_and_single_object(
     one = prefetch("s3://models/solo/shard-1.bin", tmp_path / "one", options, fast_tuning())
     assert [f.path for f in one.files] == ["shard-1.bin"]
     assert (tmp_path / "one" / "shard-1.bin").read_bytes() == files["shard-1.bin"]
+    # With cp semantics (the CLI) a key names the file itself; a prefix still a directory.
+    prefetch("s3://models/solo/shard-1.bin", tmp_path / "w.bin", options, fast_tuning(), copy=True)
+    assert (tmp_path / "w.bin").read_bytes() == files["shard-1.bin"]
+    prefetch("s3://models/solo", tmp_path / "cp-dir", options, fast_tuning(), copy=True)
+    assert (tmp_path / "cp-dir" / "shard-1.bin").read_bytes() == files["shard-1.bin"]
 
 
 def test_wrong_secret_is_an_auth_error(
@@ -195,6 +200,32 @@ def test_missing_bucket_and_prefix_are_not_found(
         prefetch("s3://no-such-bucket/x/", tmp_path, options, fast_tuning())
     with pytest.raises(NotFoundError, match="no objects"):
         prefetch("s3://models/never-uploaded/", tmp_path, options, fast_tuning())
+
+
+def test_object_overwritten_after_listing_is_fetched_as_the_new_version(
+    seaweed: S3Server, creds: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every presigned range carries ``If-Match`` with the listed ETag: SeaweedFS answers 412
+    for the overwritten object, the engine lists it again and fetches the new version, whose
+    MD5 is the one verified."""
+    client = seaweed.client()
+    old, new = os.urandom(3 * MiB), os.urandom(3 * MiB)
+    client.put_object(Bucket="models", Key="swap/w.bin", Body=old)
+
+    def overwrite(_: Engine) -> None:  # after the listing, before the first range
+        client.put_object(Bucket="models", Key="swap/w.bin", Body=new)
+
+    result = prefetch(
+        "s3://models/swap/",
+        tmp_path,
+        SourceOptions(endpoint_url=seaweed.endpoint),
+        fast_tuning(),
+        engine_ready=overwrite,
+    )
+    assert (tmp_path / "w.bin").read_bytes() == new
+    assert "fetching the new version from the start" in caplog.text
+    assert result.files[0].verified_with == ["md5"]
+    assert result.files[0].sha256 == hashlib.sha256(new).hexdigest()
 
 
 @pytest.fixture

@@ -3,10 +3,13 @@ download trusts when the sidecar and a heartbeat disagree."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 from pathlib import Path
+
+import pytest
 
 from agent.prefetch import SourceOptions, prefetch
 from agent.prefetch.state import (
@@ -19,8 +22,9 @@ from agent.prefetch.state import (
     parse_ranges,
     prefix_end,
     ranges_json,
+    write_json_atomic,
 )
-from tests.agent.prefetch.conftest import fast_tuning
+from tests.agent.prefetch.conftest import fast_tuning, small_tmpfs
 from tests.agent.prefetch.faults import FaultyOrigin
 
 MiB = 1024 * 1024
@@ -80,3 +84,23 @@ def test_resume_with_a_hint_that_claims_too_much(origin: FaultyOrigin, tmp_path:
     assert result.fetched_bytes == 3 * MiB
     assert origin.served["w.bin"] == 3 * MiB
     assert (tmp_path / "w.bin").read_bytes() == data
+
+
+def test_state_write_on_a_full_disk_keeps_the_previous_state(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "small", 1) as small:
+        target = small / "progress.json"
+        write_json_atomic(target, {"version": 1, "files": {}}, fsync=True)
+        fd = os.open(small / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            with pytest.raises(OSError) as full:
+                while True:
+                    os.write(fd, bytes(65536))
+            assert full.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        big = {"version": 1, "files": {"x": {"identity": "i", "ranges": [[0, 1]] * 50_000}}}
+        with pytest.raises(OSError) as failed:
+            write_json_atomic(target, big, fsync=True)
+        assert failed.value.errno == errno.ENOSPC
+        assert json.loads(target.read_text()) == {"version": 1, "files": {}}
+        assert sorted(p.name for p in small.iterdir()) == ["filler", "progress.json"]
