@@ -19,16 +19,8 @@ from aiohttp import web
 
 from agent.runtimes import LaunchSpec, ServerClient, SimulatedRuntime
 from agent.runtimes.base import parse_loads, parse_metrics
-from agent.runtimes.simulated_server import (
-    SimulatedServer,
-    chat_tokens,
-    count_tokens,
-    make_profile,
-    make_runner,
-    parse_args,
-    prefix_hashes,
-    text_tokens,
-)
+from agent.runtimes.simulated_server import SimulatedServer, make_profile, make_runner, parse_args
+from agent.runtimes.simulated_text import chat_tokens, count_tokens, prefix_hashes, text_tokens
 
 
 def free_port() -> int:
