@@ -178,6 +178,13 @@ class AgentConfig(Strict):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     replicas: list[ReplicaEntry] = Field(default_factory=list)
     temporal: TemporalEndpoint | None = None
+    advertise_host: str = Field(
+        default="",
+        max_length=253,
+        pattern=r"^[A-Za-z0-9.:_-]*$",
+        description="Host name or address at which gateways reach this agent's replicas; "
+        "empty: the machine's hostname.",
+    )
 
     @model_validator(mode="after")
     def _replicas_apart(self) -> AgentConfig:

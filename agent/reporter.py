@@ -75,6 +75,7 @@ def build_registration(
         gpu_source=gpu_source,
         hostname=hostname,
         task_queue=config.task_queue,
+        advertise_host=config.advertise_host,
     )
 
 
@@ -130,6 +131,7 @@ def _replica(r: ReplicaStatus) -> pb.Replica:
             kv_cache_usage=r.load.kv_cache_usage,
             generation_tokens_per_second=r.load.generation_tokens_per_second,
             cache_hit_rate=r.load.cache_hit_rate,
+            max_running_requests=r.load.max_running_requests,
         ),
         restarts=r.restarts,
     )

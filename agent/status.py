@@ -26,6 +26,7 @@ class ReplicaLoad:
     kv_cache_usage: float = 0.0  # 0..1
     generation_tokens_per_second: float = 0.0
     cache_hit_rate: float = 0.0  # 0..1
+    max_running_requests: int = 0  # the server's own cap; 0: unknown
 
 
 @dataclass(frozen=True, slots=True)

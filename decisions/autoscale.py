@@ -23,7 +23,8 @@ from decisions.policy import Deployment
 @dataclass(frozen=True, slots=True)
 class Sample:
     at: float
-    #: The deployment's signal: mean per healthy replica (or KV-cache use).
+    #: The deployment's signal: mean per healthy replica (or KV-cache use), or a total over
+    #: the deployment's gateways.
     value: float
 
 
@@ -40,11 +41,25 @@ class ScaleDecision:
 
 
 def signal(deployment: str, dep: Deployment, snapshot: FleetSnapshot) -> float | None:
-    """The deployment's signal now; None when no healthy replica reports load."""
+    """The deployment's signal now.
+
+    The per-replica signals are None when no healthy replica reports load. The gateway
+    signals (``queued_at_gateway``: requests waiting in all gateways' queues together;
+    ``overflow_tokens_per_s``: tokens per second all gateways send to managed endpoints) are
+    totals, not per replica, and always have a value (0.0 when no gateway reports): with no
+    healthy replica at all they are what can scale a deployment up from zero.
+    """
+    kind = dep.autoscaling.signal
+    if kind == "queued_at_gateway" or kind == "overflow_tokens_per_s":
+        load = snapshot.gateway.get(deployment)
+        if load is None:
+            return 0.0
+        if kind == "queued_at_gateway":
+            return float(load.queue_depth)
+        return load.overflow_tokens_per_s
     healthy = [r for r in snapshot.replicas if r.deployment == deployment and r.healthy]
     if not healthy:
         return None
-    kind = dep.autoscaling.signal
     if kind == "queued_per_replica":
         return sum(r.queued_requests for r in healthy) / len(healthy)
     if kind == "running_per_replica":

@@ -56,7 +56,7 @@ def with_pending(
         replace(r, state=ReplicaState.DRAINING) if r.replica_id in releasing else r
         for r in snapshot.replicas
     )
-    return FleetSnapshot(agents, replicas + tuple(extra))
+    return replace(snapshot, agents=agents, replicas=replicas + tuple(extra))
 
 
 def template_of(name: str, dep: Deployment) -> ReplicaTemplate:

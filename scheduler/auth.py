@@ -1,7 +1,7 @@
 """Bearer-token authentication for the scheduler's gRPC API.
 
-Tokens are random strings handed to agents and operators once; the scheduler keeps only their
-SHA-256 in a YAML tokens file::
+Tokens are random strings handed to agents, operators and gateways once; the scheduler keeps
+only their SHA-256 in a YAML tokens file::
 
     tokens:
       - id: gpu-node-1        # the agent id this token is bound to
@@ -10,6 +10,12 @@ SHA-256 in a YAML tokens file::
       - id: oncall
         role: operator        # may read the fleet; cannot report
         sha256: 91bc...
+      - id: gw-1
+        role: gateway         # may watch the routable fleet and report traffic; nothing else
+        sha256: 5d2e...
+
+Each role may call only its own service: ``agent`` the AgentService (as its own id),
+``operator`` the FleetService, ``gateway`` the GatewayService (as its own gateway id).
 
 A plain SHA-256 is the right hash here: tokens carry 256 random bits, so there is nothing for a
 slow password hash to protect. The file is re-read when it changes; a broken edit is logged and
@@ -34,7 +40,7 @@ from common.configfile import ConfigError, load_model
 
 log = logging.getLogger(__name__)
 
-Role = Literal["agent", "operator"]
+Role = Literal["agent", "operator", "gateway"]
 TOKEN_PREFIX = "spw_"
 
 

@@ -1,13 +1,16 @@
-"""Protobuf to fleet dataclasses and back, and the checks on what agents send.
+"""Protobuf to fleet dataclasses and back, and the checks on what agents and gateways send.
 
-Every message from an agent is checked before it touches fleet state; a message that fails a
-check is answered with INVALID_ARGUMENT by the server, which names the field. Limits keep one
-agent from growing the scheduler's memory without bound.
+Every message from an agent or a gateway is checked before it touches fleet state; a message
+that fails a check is answered with INVALID_ARGUMENT by the server, which names the field.
+Limits keep one agent or gateway from growing the scheduler's memory without bound. The fleet
+a gateway may route to (:func:`routable_replicas_to_pb`) is built here too, from fleet records.
+Pure functions: no I/O, no clocks.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 from google.protobuf import timestamp_pb2
 
@@ -16,6 +19,9 @@ from decisions.fleetview import ReplicaState
 from scheduler.fleet import (
     AgentHealth,
     AgentRecord,
+    DeploymentTraffic,
+    GatewayRecord,
+    GatewayReport,
     Gpu,
     GpuState,
     Labels,
@@ -23,12 +29,17 @@ from scheduler.fleet import (
     Replica,
     ReplicaLoad,
     Report,
+    TierTraffic,
 )
 
 MAX_GPUS = 64
 MAX_REPLICAS = 256
 MAX_LABELS = 32
 MAX_TEXT = 256
+#: Deployments one gateway report may list, and in-flight targets per deployment.
+MAX_DEPLOYMENTS = 256
+MAX_TARGETS = 1024
+TIERS = ("reserved", "rented", "managed")
 
 _STATE_FROM_PB = {
     pb.REPLICA_STATE_UNSPECIFIED: ReplicaState.UNKNOWN,
@@ -94,6 +105,7 @@ def registration_from_pb(message: pb.RegisterRequest) -> Registration:
         gpu_source=_text(message.gpu_source, "gpu_source"),
         hostname=_text(message.hostname, "hostname"),
         task_queue=_text(message.task_queue, "task_queue"),
+        advertise_host=_text(message.advertise_host, "advertise_host"),
     )
 
 
@@ -164,7 +176,14 @@ def report_from_pb(message: pb.CapacityReport, registration: Registration) -> Re
                 tuple(r.gpu_indices),
                 state,
                 reason,
-                ReplicaLoad(load.running_requests, load.queued_requests, kv, tokens, hits),
+                ReplicaLoad(
+                    load.running_requests,
+                    load.queued_requests,
+                    kv,
+                    tokens,
+                    hits,
+                    load.max_running_requests,
+                ),
                 r.restarts,
                 started.seconds + started.nanos / 1e9 if r.HasField("started_at") else None,
             )
@@ -208,6 +227,7 @@ def registration_to_pb(reg: Registration) -> pb.RegisterRequest:
         gpu_source=reg.gpu_source,
         hostname=reg.hostname,
         task_queue=reg.task_queue,
+        advertise_host=reg.advertise_host,
     )
 
 
@@ -243,6 +263,7 @@ def report_to_pb(agent_id: str, report: Report) -> pb.CapacityReport:
                 kv_cache_usage=r.load.kv_cache_usage,
                 generation_tokens_per_second=r.load.generation_tokens_per_second,
                 cache_hit_rate=r.load.cache_hit_rate,
+                max_running_requests=r.load.max_running_requests,
             ),
             restarts=r.restarts,
         )
@@ -263,3 +284,131 @@ def agent_status_to_pb(record: AgentRecord, health: AgentHealth) -> pb.AgentStat
     if record.report is not None:
         status.last_report.CopyFrom(report_to_pb(record.agent_id, record.report))
     return status
+
+
+# -- gateways ---------------------------------------------------------------------------------
+
+
+def _rate(value: float, field: str) -> float:
+    if not 0.0 <= value < math.inf:  # also false for NaN
+        raise InvalidMessage(f"{field} must be a finite number >= 0, got {value}")
+    return value
+
+
+def gateway_report_from_pb(message: pb.GatewayReport) -> GatewayReport:
+    """Check a gateway's traffic report and convert it."""
+    gateway_id = _text(message.gateway_id, "gateway_id", required=True)
+    if len(message.deployments) > MAX_DEPLOYMENTS:
+        raise InvalidMessage(f"deployments lists more than {MAX_DEPLOYMENTS} deployments")
+    seen: set[str] = set()
+    deployments = []
+    for n, d in enumerate(message.deployments):
+        field = f"deployments[{n}]"
+        name = _text(d.deployment, f"{field}.deployment", required=True)
+        if name in seen:
+            raise InvalidMessage(f"{field}.deployment {name!r} is listed twice")
+        seen.add(name)
+        if len(d.in_flight) > MAX_TARGETS:
+            raise InvalidMessage(f"{field}.in_flight has more than {MAX_TARGETS} targets")
+        in_flight = {}
+        for target, count in d.in_flight.items():
+            in_flight[_text(target, f"{field}.in_flight key", required=True)] = count
+        tiers = []
+        tier_names: set[str] = set()
+        for t, tier in enumerate(d.tiers):
+            if tier.tier not in TIERS:
+                raise InvalidMessage(
+                    f"{field}.tiers[{t}].tier must be one of {', '.join(TIERS)}, "
+                    f"got {tier.tier[:MAX_TEXT]!r}"
+                )
+            if tier.tier in tier_names:
+                raise InvalidMessage(f"{field}.tiers[{t}].tier {tier.tier!r} is listed twice")
+            tier_names.add(tier.tier)
+            tiers.append(
+                TierTraffic(tier.tier, tier.requests, tier.input_tokens, tier.output_tokens)
+            )
+        deployments.append(
+            DeploymentTraffic(
+                deployment=name,
+                queue_depth=d.queue_depth,
+                oldest_queued_s=_rate(d.oldest_queued_s, f"{field}.oldest_queued_s"),
+                in_flight=in_flight,
+                tiers=tuple(tiers),
+                overflow_tokens_per_s=_rate(
+                    d.overflow_tokens_per_s, f"{field}.overflow_tokens_per_s"
+                ),
+                refused=d.refused,
+            )
+        )
+    return GatewayReport(gateway_id, _seconds(message.sent_at), tuple(deployments))
+
+
+def gateway_report_to_pb(report: GatewayReport) -> pb.GatewayReport:
+    return pb.GatewayReport(
+        gateway_id=report.gateway_id,
+        sent_at=_timestamp(report.sent_at),
+        deployments=[
+            pb.DeploymentTraffic(
+                deployment=d.deployment,
+                queue_depth=d.queue_depth,
+                oldest_queued_s=d.oldest_queued_s,
+                in_flight=d.in_flight,
+                tiers=[
+                    pb.TierTraffic(
+                        tier=t.tier,
+                        requests=t.requests,
+                        input_tokens=t.input_tokens,
+                        output_tokens=t.output_tokens,
+                    )
+                    for t in d.tiers
+                ],
+                overflow_tokens_per_s=d.overflow_tokens_per_s,
+                refused=d.refused,
+            )
+            for d in report.deployments
+        ],
+    )
+
+
+def gateway_status_to_pb(record: GatewayRecord) -> pb.GatewayStatus:
+    return pb.GatewayStatus(
+        last_report=gateway_report_to_pb(record.report),
+        received_at=_timestamp(record.received_at),
+    )
+
+
+def routable_replicas_to_pb(
+    agents: Iterable[tuple[AgentRecord, AgentHealth]],
+    state_of: Callable[[Replica], ReplicaState] = lambda r: r.state,
+) -> list[pb.RoutableReplica]:
+    """Every replica of every connected agent, as a gateway routes to it.
+
+    ``state_of`` gives a replica's state as the scheduler shows it (DRAINING while it drains
+    the replica through the gateways, see :meth:`scheduler.fleet.FleetState.state_of`).
+    """
+    out = []
+    for record, health in agents:
+        if health is not AgentHealth.CONNECTED or record.report is None:
+            continue
+        reg = record.registration
+        labels = reg.labels
+        host = reg.replica_host
+        for r in record.report.replicas:
+            out.append(
+                pb.RoutableReplica(
+                    replica_id=r.replica_id,
+                    deployment=r.deployment,
+                    agent_id=reg.agent_id,
+                    host=host,
+                    port=r.port,
+                    pool=labels.pool,
+                    provider=labels.provider,
+                    region=labels.region,
+                    residency_group=labels.residency_group,
+                    state=_STATE_TO_PB[state_of(r)],
+                    running_requests=r.load.running_requests,
+                    queued_requests=r.load.queued_requests,
+                    max_running_requests=r.load.max_running_requests,
+                )
+            )
+    return out

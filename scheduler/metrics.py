@@ -53,6 +53,8 @@ class ServiceStats(Protocol):
     @property
     def open_streams(self) -> int: ...
     @property
+    def open_watches(self) -> int: ...
+    @property
     def report_delay(self) -> DelayHistogram: ...
     @property
     def rejected(self) -> Mapping[str, int]: ...
@@ -80,6 +82,20 @@ class FleetCollector(Collector):
             "Report streams currently open (agents connected right now).",
             value=self._service.open_streams,
         )
+        yield GaugeMetricFamily(
+            "spillway_fleet_watches_open",
+            "Fleet watch streams currently open (gateways watching right now).",
+            value=self._service.open_watches,
+        )
+        gateways = GaugeMetricFamily(
+            "spillway_gateways", "Gateways heard from, by health.", labels=["health"]
+        )
+        gateway_counts = dict.fromkeys(AgentHealth, 0)
+        for record in self._fleet.gateways():
+            gateway_counts[self._fleet.gateway_health(record)] += 1
+        for health, count in gateway_counts.items():
+            gateways.add_metric([health.value], count)
+        yield gateways
         yield CounterMetricFamily(
             "spillway_reports", "Capacity reports accepted.", value=self._fleet.reports_total
         )

@@ -1,4 +1,10 @@
-"""The scheduler's gRPC server: agents register and stream reports; operators read the fleet.
+"""The scheduler's gRPC server: agents register and stream reports; operators read the fleet;
+gateways watch the fleet they may route to and report their traffic.
+
+Each service takes its own role's token (``agent``, ``operator``, ``gateway``) and refuses the
+others. A fleet watch sends the whole routable set when it opens, again as soon as the set or a
+replica's state changes (:attr:`scheduler.fleet.FleetState.routable_version`, a burst of changes
+coalesced over :data:`WATCH_COALESCE_S`), and at least once per report interval otherwise.
 
 Requests are decoded here, not by gRPC, so that a message that is not valid protobuf, or is larger
 than ``max_message_bytes``, is answered with INVALID_ARGUMENT (gRPC alone would answer INTERNAL or
@@ -9,6 +15,7 @@ the limit are refused by the transport itself with RESOURCE_EXHAUSTED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -30,8 +37,11 @@ from scheduler.fleet import FleetState
 from scheduler.messages import (
     InvalidMessage,
     agent_status_to_pb,
+    gateway_report_from_pb,
+    gateway_status_to_pb,
     registration_from_pb,
     report_from_pb,
+    routable_replicas_to_pb,
 )
 from scheduler.metrics import DelayHistogram
 
@@ -46,6 +56,10 @@ AGENT_SERVICE = "spillway.v1.AgentService"
 # already tells the agent when the stream breaks.
 ACK_EVERY = 10
 FLEET_SERVICE = "spillway.v1.FleetService"
+GATEWAY_SERVICE = "spillway.v1.GatewayService"
+#: After a change, a fleet watch waits this long for more before it sends: a burst of changes
+#: (every agent registering after a restart) becomes one message, not one per change.
+WATCH_COALESCE_S = 0.02
 MessageT = TypeVar("MessageT", bound=Message)
 
 
@@ -75,7 +89,7 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 
 
 class SchedulerService:
-    """Handlers for AgentService and FleetService over one :class:`FleetState`."""
+    """Handlers for AgentService, FleetService and GatewayService over one :class:`FleetState`."""
 
     def __init__(self, fleet: FleetState, tokens: TokenStore, instance: str) -> None:
         self.fleet = fleet
@@ -83,6 +97,10 @@ class SchedulerService:
         self.instance = instance
         self.rejected: Counter[str] = Counter()  # by status code name
         self.open_streams = 0
+        self.open_watches = 0
+        #: Set (and replaced) whenever the routable fleet changes; watches wait on it.
+        self._fleet_changed = asyncio.Event()
+        fleet.on_change = self._wake_watches
         self.report_delay = DelayHistogram()
         #: The policy store when this scheduler also runs the control plane (for metrics).
         self.policy_store: PolicyStore | None = None
@@ -108,6 +126,10 @@ class SchedulerService:
                 f"a token of role {principal.role!r} cannot call this method",
             )
         return principal
+
+    def _wake_watches(self) -> None:
+        changed, self._fleet_changed = self._fleet_changed, asyncio.Event()
+        changed.set()
 
     async def _check_identity(
         self, context: grpc.aio.ServicerContext[Any, Any], principal: Principal, agent_id: str
@@ -197,7 +219,72 @@ class SchedulerService:
             report_interval=_duration(self.fleet.report_interval_s),
             scheduler_instance=self.instance,
             generated_at=now,
+            gateways=[
+                gateway_status_to_pb(g)
+                for g in self.fleet.gateways(within_s=self.fleet.stale_after_s)
+            ],
         )
+
+    async def _gateway(
+        self, context: grpc.aio.ServicerContext[Any, Any], request: Any, gateway_id: str
+    ) -> Principal:
+        """The gateway calling, refused unless the token is a gateway's and bound to
+        ``gateway_id`` (empty: the token's own id)."""
+        principal = await self._principal(context, "gateway")
+        if isinstance(request, Malformed):
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        if gateway_id and gateway_id != principal.id:
+            await self._reject(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the token is bound to gateway {principal.id!r}, not {gateway_id!r}",
+            )
+        return principal
+
+    def routable_fleet(self) -> pb.RoutableFleet:
+        """What gateways may route to now: every replica of every connected agent."""
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        fleet = self.fleet
+        return pb.RoutableFleet(
+            replicas=routable_replicas_to_pb(fleet.agents(), fleet.state_of),
+            report_interval=_duration(fleet.report_interval_s),
+            scheduler_instance=self.instance,
+            generated_at=now,
+        )
+
+    async def watch_fleet(
+        self, request: pb.WatchFleetRequest | Malformed, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.RoutableFleet]:
+        gateway_id = "" if isinstance(request, Malformed) else request.gateway_id
+        principal = await self._gateway(context, request, gateway_id)
+        log.info("gateway %s watches the fleet from %s", principal.id, context.peer())
+        interval = self.fleet.report_interval_s
+        self.open_watches += 1
+        try:
+            while True:
+                changed = self._fleet_changed  # taken before building: no change is missed
+                yield self.routable_fleet()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), interval)
+                    await asyncio.sleep(WATCH_COALESCE_S)
+        finally:
+            self.open_watches -= 1
+
+    async def report_traffic(
+        self, request: pb.GatewayReport | Malformed, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GatewayReportAck:
+        gateway_id = "" if isinstance(request, Malformed) else request.gateway_id
+        principal = await self._gateway(context, request, gateway_id)
+        assert not isinstance(request, Malformed)
+        if not request.gateway_id:
+            request.gateway_id = principal.id
+        try:
+            report = gateway_report_from_pb(request)
+        except InvalidMessage as exc:
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self.fleet.report_gateway(report)
+        return pb.GatewayReportAck(report_interval=_duration(self.fleet.report_interval_s))
 
     def handlers(self, max_bytes: int) -> list[grpc.GenericRpcHandler[Any, Any]]:
         agent = grpc.method_handlers_generic_handler(
@@ -225,7 +312,22 @@ class SchedulerService:
                 ),
             },
         )
-        return [agent, fleet]
+        gateway = grpc.method_handlers_generic_handler(
+            GATEWAY_SERVICE,
+            {
+                "WatchFleet": grpc.unary_stream_rpc_method_handler(
+                    self.watch_fleet,
+                    request_deserializer=lenient_decoder(pb.WatchFleetRequest, max_bytes),
+                    response_serializer=pb.RoutableFleet.SerializeToString,
+                ),
+                "ReportTraffic": grpc.unary_unary_rpc_method_handler(
+                    self.report_traffic,
+                    request_deserializer=lenient_decoder(pb.GatewayReport, max_bytes),
+                    response_serializer=pb.GatewayReportAck.SerializeToString,
+                ),
+            },
+        )
+        return [agent, fleet, gateway]
 
 
 class Scheduler:
@@ -281,7 +383,7 @@ class Scheduler:
             self.port = server.add_secure_port(config.listen, credentials)
         await server.start()
         self._server = server
-        for service in ("", AGENT_SERVICE, FLEET_SERVICE):
+        for service in ("", AGENT_SERVICE, FLEET_SERVICE, GATEWAY_SERVICE):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(self._sweep_forever())
         if config.metrics_listen is not None:

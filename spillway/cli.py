@@ -2,7 +2,8 @@
 ``spillway agent run`` works on a node that has only the ``agent`` extra installed.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad input (config file, arguments, credentials);
-``spillway prefetch`` adds 3 not found, 4 access denied, 5 verification failed, 6 disk full.
+``spillway prefetch`` adds 3 not found, 4 access denied, 5 verification failed, 6 disk full,
+7 origin changed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ def _cmd_scheduler_run(args: argparse.Namespace) -> int:
     from spillway.serve.scheduler import run_scheduler
 
     asyncio.run(run_scheduler(args.config))
+    return 0
+
+
+def _cmd_gateway_run(args: argparse.Namespace) -> int:
+    from spillway.serve.gateway import main as run_gateway
+
+    run_gateway(args.config)
     return 0
 
 
@@ -164,8 +172,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from decisions.policycheck import load_policy
     from decisions.preview import plan_lines
     from providers.catalog import default_catalog
-    from scheduler.fleet import AgentHealth, AgentRecord
-    from scheduler.messages import registration_from_pb, report_from_pb
+    from scheduler.fleet import AgentHealth, AgentRecord, GatewayRecord
+    from scheduler.messages import gateway_report_from_pb, registration_from_pb, report_from_pb
     from scheduler.snapshot import snapshot_from_fleet
     from spillway.status import fetch_fleet
 
@@ -189,8 +197,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             else AgentHealth.STALE
         )
         records.append((record, health))
+    gateways = [
+        GatewayRecord(gateway_report_from_pb(g.last_report), received_at=0.0, last_seen=0.0)
+        for g in fleet.gateways
+    ]
     catalog = default_catalog()
-    snapshot = snapshot_from_fleet(records, catalog)
+    snapshot = snapshot_from_fleet(records, catalog, gateways=gateways)
     for line in plan_lines(policy, snapshot, catalog, time.time()):
         print(line)
     return 0
@@ -289,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, required=True, help="scheduler config file (YAML)")
     run.set_defaults(func=_cmd_scheduler_run)
 
+    gw = commands.add_parser("gateway", help="the data plane").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    run = gw.add_parser("run", help="serve the OpenAI-compatible endpoint of every deployment")
+    run.add_argument("--config", type=Path, required=True, help="gateway config file (YAML)")
+    run.set_defaults(func=_cmd_gateway_run)
+
     status = commands.add_parser("status", help="show the fleet as a running scheduler sees it")
     status.add_argument(
         "--scheduler",
@@ -317,8 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="create a token, store its hash in the tokens file (replacing an earlier token "
         "of the same id and role) and print it once",
     )
-    new.add_argument("--id", required=True, help="agent id (role agent) or operator name")
-    new.add_argument("--role", choices=["agent", "operator"], default="agent")
+    new.add_argument(
+        "--id", required=True, help="agent id (role agent), operator name or gateway id"
+    )
+    new.add_argument("--role", choices=["agent", "operator", "gateway"], default="agent")
     new.add_argument("--tokens-file", type=Path, required=True, help="the scheduler's tokens file")
     new.add_argument("--out", type=Path, help="write the token to this file (mode 0600)")
     new.set_defaults(func=_cmd_token_new)
@@ -352,11 +373,22 @@ def build_parser() -> argparse.ArgumentParser:
         "prefetch",
         help="download model weights from s3://, gs://, az:// or http(s):// in parallel ranges, "
         "verified and resumable",
-        description="Exit codes: 0 done, 1 transfer failed, 2 bad input, 3 not found, "
-        "4 access denied, 5 verification failed, 6 disk full.",
+        description="DEST follows cp and aws s3 cp: when SRC names one object, an existing "
+        "directory or a DEST ending in '/' receives the file, and any other DEST is the file "
+        "itself; for a prefix or a file list DEST is a directory. Exit codes: 0 done, "
+        "1 transfer failed, 2 bad input (also a file where a directory must be), 3 not found, "
+        "4 access denied, 5 verification failed, 6 disk full, 7 origin changed (the object "
+        "changed during the download and kept changing when fetched again; no file is ever "
+        "finished from two versions).",
     )
     fetch.add_argument("source", metavar="SRC", help="s3://, gs://, az:// or http(s):// URI")
-    fetch.add_argument("dest", metavar="DEST", type=Path, help="destination directory")
+    # A str, not a Path: a trailing '/' (DEST is a directory) must survive.
+    fetch.add_argument(
+        "dest",
+        metavar="DEST",
+        help="a directory, or for a single object the file itself (unless it is an existing "
+        "directory or ends in '/')",
+    )
     fetch.add_argument(
         "--file",
         action="append",
@@ -366,8 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("--files-from", type=Path, metavar="FILE", help="one 'NAME [SHA256]' a line")
     fetch.add_argument("--endpoint-url", help="S3 endpoint, or GCS emulator URL")
-    fetch.add_argument("--connections", type=int, help="parallel connections (default: auto)")
-    fetch.add_argument("--max-connections", type=int, default=64, help="ceiling for auto")
+    fetch.add_argument(
+        "--connections", type=_whole_number(1), help="parallel connections (default: auto)"
+    )
+    fetch.add_argument(
+        "--max-connections", type=_whole_number(1), default=64, help="ceiling for auto"
+    )
     fetch.add_argument("--range-size", metavar="SIZE", help="e.g. 16M (default: auto)")
     fetch.add_argument("--retries", type=int, default=6, help="retries per range (default 6)")
     fetch.add_argument("--no-fsync", action="store_true", help="skip fsync before the rename")

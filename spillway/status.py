@@ -1,4 +1,10 @@
-"""``spillway status``: read the fleet from a running scheduler and show it as a table or JSON."""
+"""``spillway status``: read the fleet from a running scheduler and show it as a table or JSON.
+
+The tables: agents, their replicas, and per deployment what the gateways see of it (queue
+depth, the oldest wait, requests in flight, tokens per second overflowing to managed
+endpoints), summed over the gateways that reported recently. ``--json`` is the ``GetFleet``
+answer as it is, with a ``deployments`` summary of the gateways' figures added.
+"""
 
 from __future__ import annotations
 
@@ -44,8 +50,36 @@ async def fetch_fleet(
         await channel.close(None)
 
 
+def gateway_figures(fleet: pb.GetFleetResponse) -> dict[str, dict[str, Any]]:
+    """Per deployment, the gateways' figures together: queue depth, oldest wait (the longest),
+    in flight (all targets), overflow tokens/s, and how many gateways report it."""
+    out: dict[str, dict[str, Any]] = {}
+    for status in fleet.gateways:
+        for d in status.last_report.deployments:
+            entry = out.setdefault(
+                d.deployment,
+                {
+                    "gateways": 0,
+                    "queue_depth": 0,
+                    "oldest_queued_s": 0.0,
+                    "in_flight": 0,
+                    "overflow_tokens_per_s": 0.0,
+                },
+            )
+            entry["gateways"] += 1
+            entry["queue_depth"] += d.queue_depth
+            entry["oldest_queued_s"] = max(entry["oldest_queued_s"], d.oldest_queued_s)
+            entry["in_flight"] += sum(d.in_flight.values())
+            entry["overflow_tokens_per_s"] += d.overflow_tokens_per_s
+    return dict(sorted(out.items()))
+
+
 def fleet_json(fleet: pb.GetFleetResponse) -> dict[str, Any]:
-    return MessageToDict(fleet, preserving_proto_field_name=True)
+    data = MessageToDict(fleet, preserving_proto_field_name=True)
+    data["deployments"] = {
+        name: {"gateway": figures} for name, figures in gateway_figures(fleet).items()
+    }
+    return data
 
 
 def _age(ts_seconds: float, now: float) -> str:
@@ -67,8 +101,34 @@ def _gpu_summary(agent: pb.AgentStatus) -> tuple[str, str]:
     return f"{free}/{len(gpus)}", ", ".join(models)
 
 
+def _gateway_table(fleet: pb.GetFleetResponse) -> Table:
+    table = Table(title="At the gateways", title_justify="left")
+    table.add_column("DEPLOYMENT")
+    for column in ("REPLICAS", "GATEWAYS", "QUEUE", "OLDEST WAIT", "IN FLIGHT", "OVERFLOW TOK/S"):
+        table.add_column(column, justify="right")
+    replicas: dict[str, list[int]] = {}
+    for agent in fleet.agents:
+        for r in agent.last_report.replicas:
+            counts = replicas.setdefault(r.deployment, [0, 0])
+            counts[0] += r.state == pb.REPLICA_STATE_HEALTHY
+            counts[1] += 1
+    for name, g in gateway_figures(fleet).items():
+        healthy, total = replicas.get(name, [0, 0])
+        table.add_row(
+            name,
+            f"{healthy}/{total} healthy",
+            str(g["gateways"]),
+            str(g["queue_depth"]),
+            f"{g['oldest_queued_s']:.1f}s",
+            str(g["in_flight"]),
+            f"{g['overflow_tokens_per_s']:.0f}",
+        )
+    return table
+
+
 def render(fleet: pb.GetFleetResponse, now: float | None = None) -> Group:
-    """A table of agents and, when any run, a table of replicas."""
+    """A table of agents and, when any run, a table of replicas; when gateways report, a
+    table of each deployment's figures at the gateways beside its replica count."""
     now = time.time() if now is None else now
     interval = fleet.report_interval.seconds + fleet.report_interval.nanos / 1e9
     agents = Table(
@@ -130,4 +190,7 @@ def render(fleet: pb.GetFleetResponse, now: float | None = None) -> Group:
                 f"{r.load.generation_tokens_per_second:.0f}",
                 str(r.restarts),
             )
-    return Group(agents, replicas) if replicas.row_count else Group(agents)
+    tables = [agents, *([replicas] if replicas.row_count else [])]
+    if fleet.gateways:
+        tables.append(_gateway_table(fleet))
+    return Group(*tables)

@@ -23,7 +23,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "scheduler": frozenset({"common", "providers", "decisions"}),
     "simulator": frozenset({"common", "providers", "decisions", "agent"}),
     "workflows": frozenset({"common", "providers", "decisions", "scheduler"}),
-    "gateway": frozenset({"common", "decisions"}),
+    "gateway": frozenset({"common", "providers", "decisions"}),
     "spillway": frozenset(
         {"common", "providers", "decisions", "agent", "scheduler", "simulator", "workflows"}
         | {"gateway"}

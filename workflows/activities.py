@@ -1,4 +1,5 @@
-"""The control plane's activities: plan, launch, wait for agents and replicas, terminate, list.
+"""The control plane's activities: plan, launch, wait for agents and replicas, drain at the
+gateways, terminate, list.
 
 They run in the scheduler process (task queue ``spillway-control``), next to the fleet state
 the gRPC server keeps, the policy in force and the provider adapters. Cloud SDK calls block, so
@@ -11,7 +12,7 @@ Errors: a provider error a retry cannot fix becomes a non-retryable ``Applicatio
 provision workflow decides from the type alone; transient errors are left to the retry policy.
 
 This module decides nothing by itself: placement and autoscaling are pure functions in
-``scheduler/``, the order of steps is the workflows'.
+``decisions/``, the order of steps is the workflows'.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from scheduler.fleet import AgentHealth, FleetState
 from scheduler.policystore import PolicyStore
 from scheduler.snapshot import snapshot_from_fleet
 from workflows.types import (
+    DrainAtGatewaysInput,
+    DrainAtGatewaysOutput,
     FindMachinesInput,
     FindMachinesOutput,
     LaunchInput,
@@ -67,6 +70,8 @@ HEARTBEAT_EVERY_S = 1.0
 POLL_S = 0.2
 #: After a start, wait this many report intervals before acting: every agent has reported.
 WARMUP_INTERVALS = 2.0
+#: A gateway that reported within this many report intervals is waited for by a drain.
+GATEWAY_RECENT_INTERVALS = 2.0
 
 
 def refusal(exc: ProviderError) -> ApplicationError:
@@ -118,6 +123,7 @@ class ControlActivities:
             self.launch_instance,
             self.wait_for_agent,
             self.wait_for_replica,
+            self.drain_at_gateways,
             self.terminate_instance,
             self.find_machines,
         ]
@@ -139,7 +145,13 @@ class ControlActivities:
         """Autoscaling and placement for one deployment against the live fleet and policy."""
         plane = self.plane
         store = plane.policies
-        snapshot = snapshot_from_fleet(plane.fleet.agents(), plane.catalog)
+        fleet = plane.fleet
+        snapshot = snapshot_from_fleet(
+            fleet.agents(),
+            plane.catalog,
+            gateways=fleet.gateways(within_s=fleet.stale_after_s),
+            draining=fleet.draining(),
+        )
         clouds = set(plane.providers)
 
         def skip(cloud: str, itype: str, zone: str) -> bool:
@@ -320,6 +332,47 @@ class ControlActivities:
                 )
             if now - last_beat >= HEARTBEAT_EVERY_S:
                 activity.heartbeat(state)
+                last_beat = now
+            await asyncio.sleep(POLL_S)
+
+    @activity.defn(name="drain_at_gateways")
+    async def drain_at_gateways(self, request: DrainAtGatewaysInput) -> DrainAtGatewaysOutput:
+        """Stop the gateways routing to a replica, then wait until none has a request in
+        flight to it.
+
+        The replica is marked draining in fleet state, so every fleet watch shows it DRAINING
+        at once (before its agent says so). Then the activity waits until every gateway that
+        reported within the last two report intervals has reported again since the mark, with
+        nothing in flight to the replica, or until ``deadline_s`` passes; it returns how many
+        requests were still in flight then. A gateway that stops reporting stops being waited
+        for; with no gateway at all it returns at once.
+        """
+        fleet = self.plane.fleet
+        replica_id = request.replica_id
+        marked = fleet.mark_draining(replica_id)
+        marked_at = fleet.now()
+        deadline = time.monotonic() + request.deadline_s
+        window = fleet.report_interval_s * GATEWAY_RECENT_INTERVALS
+        last_beat = 0.0
+        while True:
+            recent = fleet.gateways(within_s=window)
+            in_flight = sum(g.in_flight(replica_id) for g in recent)
+            behind = [g.gateway_id for g in recent if g.last_seen < marked_at]
+            now = time.monotonic()
+            if (not behind and in_flight == 0) or now >= deadline:
+                if in_flight:
+                    log.warning(
+                        "gateways still have %d requests in flight to %s after %.0fs",
+                        in_flight,
+                        replica_id,
+                        request.deadline_s,
+                    )
+                return DrainAtGatewaysOutput(replica_id, in_flight, len(recent), marked)
+            if now - last_beat >= HEARTBEAT_EVERY_S:
+                activity.heartbeat(
+                    f"{in_flight} in flight to {replica_id} at {len(recent)} gateways"
+                    + (f"; waiting for reports of {', '.join(behind)}" if behind else "")
+                )
                 last_beat = now
             await asyncio.sleep(POLL_S)
 

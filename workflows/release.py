@@ -1,10 +1,13 @@
 """The release workflow: drain one spilled replica, then give its machine back.
 
-Draining runs on the agent's task queue (stop routing, let in-flight requests finish, SIGTERM).
-An agent that no longer polls (its machine died) cannot drain; after a minute the workflow
-moves on. Terminating is retried until it succeeds: a machine is never left running because a
-cloud API call failed once. Replicas on machines Spillway did not rent (reserved GPUs) are only
-drained; placement never releases those to save money.
+First the gateways stop routing to it: ``drain_at_gateways`` (a control activity) shows it
+DRAINING in every fleet watch and waits, at most the drain timeout, until no gateway has a
+request in flight to it. Then draining runs on the agent's task queue (stop routing, let
+in-flight requests finish, SIGTERM). An agent that no longer polls (its machine died) cannot
+drain; after a minute the workflow moves on. Terminating is retried until it succeeds: a
+machine is never left running because a cloud API call failed once. Replicas on machines
+Spillway did not rent (reserved GPUs) are only drained; placement never releases those to save
+money.
 
 Workflow code: deterministic, no I/O.
 """
@@ -17,8 +20,10 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from workflows.provision import FOREVER, NODE, describe_failure, node_queue
+    from workflows.provision import FOREVER, NODE, STEADY, describe_failure, node_queue
     from workflows.types import (
+        DrainAtGatewaysInput,
+        DrainAtGatewaysOutput,
         DrainReplicaArgs,
         ReleaseInput,
         ReleaseResult,
@@ -33,6 +38,23 @@ class ReleaseWorkflow:
         release = params.release
         t = params.timeouts
         result = ReleaseResult(release.replica_id, drained="", terminated=False)
+        # Releases started before this step existed replay without it.
+        if workflow.patched("drain-at-gateways"):
+            try:
+                gateways = await workflow.execute_activity(
+                    "drain_at_gateways",
+                    DrainAtGatewaysInput(release.replica_id, t.drain_s),
+                    result_type=DrainAtGatewaysOutput,
+                    start_to_close_timeout=timedelta(seconds=t.drain_s + 60),
+                    heartbeat_timeout=timedelta(seconds=t.heartbeat_s),
+                    retry_policy=STEADY,
+                )
+                result.gateway_in_flight = gateways.in_flight
+            except ActivityError as exc:  # the node drain below still lets requests finish
+                kind, message = describe_failure(exc)
+                workflow.logger.warning(
+                    "%s: not drained at the gateways (%s: %s)", release.replica_id, kind, message
+                )
         try:
             drained = await workflow.execute_activity(
                 "drain_replica",

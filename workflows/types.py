@@ -209,11 +209,34 @@ class ReleaseInput:
 
 
 @dataclass
+class DrainAtGatewaysInput:
+    """Stop the gateways routing to ``replica_id`` and wait (at most ``deadline_s``) until
+    none has a request in flight to it."""
+
+    replica_id: str
+    deadline_s: float
+
+
+@dataclass
+class DrainAtGatewaysOutput:
+    replica_id: str
+    #: Requests still in flight to the replica at the gateways when the activity returned
+    #: (0 unless the deadline passed).
+    in_flight: int = 0
+    #: Gateways that reported within the last two report intervals (those waited for).
+    gateways: int = 0
+    #: Whether the fleet state knew the replica (and so could show it DRAINING).
+    marked: bool = False
+
+
+@dataclass
 class ReleaseResult:
     replica_id: str
     drained: str
     terminated: bool
     reason: str = ""
+    #: Requests the gateways still had in flight to the replica when its drain began.
+    gateway_in_flight: int = 0
 
 
 @dataclass

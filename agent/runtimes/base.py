@@ -2,15 +2,17 @@
 
 A runtime turns a :class:`LaunchSpec` into a command line and environment, and reads health,
 load and server info from a running server. Both runtimes (``sglang`` and ``simulated``) speak
-SGLang's HTTP API, so the readers live here. This module starts no process and keeps no state:
-the supervisor does that.
+SGLang's HTTP API, so the readers live here. The server's cap on running requests
+(``max_running_requests``) is taken from ``/v1/loads`` or ``/metrics`` when they carry it, else
+read from ``/server_info`` once per :class:`ServerClient` (the supervisor makes one per launch).
+This module starts no process and keeps no state: the supervisor does that.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -86,6 +88,9 @@ class ServerClient:
     base_url: str
     timeout_s: float = 2.0
     _client: httpx.AsyncClient = field(init=False)
+    #: From ``/server_info``: None until read; 0 when the server does not say.
+    _max_running: int | None = field(default=None, init=False)
+    _info_tries: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s)
@@ -104,17 +109,33 @@ class ServerClient:
         return Health(False, f"/health answered {response.status_code}")
 
     async def load(self) -> ReplicaLoad | None:
-        """Load from ``/v1/loads`` (summed over data-parallel ranks), else from ``/metrics``."""
+        """Load from ``/v1/loads`` (summed over data-parallel ranks), else from ``/metrics``;
+        ``max_running_requests`` from ``/server_info`` when neither carries it."""
         try:
             response = await self._client.get("/v1/loads")
             if response.status_code == 200:
-                return parse_loads(response.json())
-            response = await self._client.get("/metrics")
-            if response.status_code == 200:
-                return parse_metrics(response.text)
+                load = parse_loads(response.json())
+            else:
+                response = await self._client.get("/metrics")
+                if response.status_code != 200:
+                    return None
+                load = parse_metrics(response.text)
         except (httpx.HTTPError, ValueError):
             return None
-        return None
+        if load.max_running_requests:
+            return load
+        cap = await self.max_running_requests()
+        return replace(load, max_running_requests=cap) if cap else load
+
+    async def max_running_requests(self) -> int:
+        """The server's cap on running requests from ``/server_info``, read once (a few tries
+        while the server does not answer); 0 when it does not say."""
+        if self._max_running is None and self._info_tries < INFO_TRIES:
+            self._info_tries += 1
+            info = await self.server_info()
+            if info is not None:
+                self._max_running = parse_max_running(info)
+        return self._max_running or 0
 
     async def server_info(self) -> dict[str, Any] | None:
         for path in ("/server_info", "/get_server_info"):
@@ -126,6 +147,24 @@ class ServerClient:
                 info = response.json()
                 return info if isinstance(info, dict) else None
         return None
+
+
+#: Times a client asks ``/server_info`` for the running-request cap before it gives up.
+INFO_TRIES = 3
+
+
+def parse_max_running(info: Mapping[str, Any]) -> int:
+    """``max_running_requests`` of SGLang's ``/server_info``: the top-level server argument
+    when set, else the sum over the ranks' ``internal_states``; 0 when it is not there."""
+    top = _number(info.get("max_running_requests"))
+    if top >= 1:
+        return int(top)
+    states = info.get("internal_states")
+    if isinstance(states, list):
+        return int(
+            sum(_number(s.get("max_running_requests")) for s in states if isinstance(s, dict))
+        )
+    return 0
 
 
 def _number(value: Any) -> float:
@@ -148,6 +187,7 @@ def parse_loads(body: Any) -> ReplicaLoad:
         kv_cache_usage=_clamp(sum(_number(r.get("token_usage")) for r in ranks) / len(ranks)),
         generation_tokens_per_second=sum(_number(r.get("gen_throughput")) for r in ranks),
         cache_hit_rate=_clamp(sum(_number(r.get("cache_hit_rate")) for r in ranks) / len(ranks)),
+        max_running_requests=int(sum(_number(r.get("max_running_requests")) for r in ranks)),
     )
 
 
@@ -177,6 +217,7 @@ def parse_metrics(text: str) -> ReplicaLoad:
         kv_cache_usage=_clamp(mean("token_usage")),
         generation_tokens_per_second=total("gen_throughput"),
         cache_hit_rate=_clamp(mean("cache_hit_rate")),
+        max_running_requests=int(total("max_running_requests")),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from agent.gpus import GpuSample
 from agent.reporter import Backoff, build_report
@@ -63,3 +64,31 @@ def test_a_long_reason_is_clipped_so_the_scheduler_accepts_the_report() -> None:
     (message,) = report.replicas
     assert len(message.state_reason) == MAX_TEXT
     assert message.state_reason == reason[: MAX_TEXT - 1] + "\u2026"
+
+
+def test_registration_carries_advertise_host_and_reports_the_running_cap(tmp_path: Path) -> None:
+    from agent.gpus import StaticInventory
+    from agent.reporter import build_registration
+    from agent.status import ReplicaLoad
+    from scheduler.messages import registration_from_pb, registration_to_pb, report_from_pb
+    from tests.conftest import agent_config
+
+    config = agent_config("node-a", "127.0.0.1:1", tmp_path / "t", advertise_host="10.1.2.3")
+    gpus = StaticInventory.from_config(config.gpus, "node-a").gpus
+    message = build_registration(config, gpus, "static", "v", "node-a.internal")
+    assert (message.advertise_host, message.hostname) == ("10.1.2.3", "node-a.internal")
+    registration = registration_from_pb(message)
+    assert registration.replica_host == "10.1.2.3"
+    assert registration_to_pb(registration) == message
+    plain = registration_from_pb(
+        build_registration(config.model_copy(update={"advertise_host": ""}), gpus, "", "v", "h")
+    )
+    assert plain.replica_host == "h"  # empty: the hostname
+
+    replica = ReplicaStatus(
+        "r1", "d", "m", "sglang", 30000, (0,), ReplicaState.HEALTHY,
+        load=ReplicaLoad(running_requests=3, max_running_requests=64),
+    )  # fmt: skip
+    report = build_report("node-a", 1, [], [replica])
+    assert report.replicas[0].load.max_running_requests == 64
+    assert report_from_pb(report, registration).replicas[0].load.max_running_requests == 64

@@ -12,7 +12,7 @@ import pytest
 
 from agent.gpus import NvmlInventory
 from agent.runtimes import LaunchSpec, SGLangRuntime
-from agent.runtimes.base import parse_loads, parse_metrics
+from agent.runtimes.base import ServerClient, parse_loads, parse_metrics
 from agent.status import ReplicaState
 from agent.supervisor import ReplicaSpec, Supervisor, SupervisorSettings
 
@@ -133,3 +133,38 @@ async def test_real_sglang_starts_serves_reports_and_drains(tmp_path: Path) -> N
             await supervisor.close(stop_replicas=True)
     finally:
         inventory.close()
+
+
+async def test_the_running_cap_is_read_from_loads_metrics_or_server_info_once() -> None:
+    from agent.runtimes.base import parse_max_running
+
+    ranks = [{"num_running_reqs": 1, "max_running_requests": 48}] * 2
+    assert parse_loads({"loads": ranks}).max_running_requests == 96
+    assert parse_loads({"loads": [{"num_running_reqs": 1}]}).max_running_requests == 0
+    assert parse_metrics('sglang:max_running_requests{m="x"} 32.0\n').max_running_requests == 32
+    assert parse_max_running({"max_running_requests": 128}) == 128
+    assert parse_max_running({"max_running_requests": None, "internal_states": [{}]}) == 0
+    states = [{"max_running_requests": 20}, {"max_running_requests": 20}]
+    assert parse_max_running({"max_running_requests": None, "internal_states": states}) == 40
+
+    asked: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        if request.url.path == "/v1/loads":
+            return httpx.Response(200, json={"loads": [{"num_running_reqs": 2}]})
+        if request.url.path == "/server_info":
+            return httpx.Response(200, json={"max_running_requests": 256})
+        return httpx.Response(404)
+
+    client = ServerClient("http://replica")
+    await client.close()
+    client._client = httpx.AsyncClient(
+        base_url="http://replica", transport=httpx.MockTransport(answer)
+    )
+    try:
+        loads = [await client.load() for _ in range(3)]
+    finally:
+        await client.close()
+    assert [load.max_running_requests if load else -1 for load in loads] == [256, 256, 256]
+    assert asked.count("/server_info") == 1  # once per client, that is once per launch

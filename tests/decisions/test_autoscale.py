@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from decisions.autoscale import Sample, decide
+from decisions.autoscale import Sample, decide, signal
+from decisions.fleetview import FleetSnapshot, GatewayLoad, ReplicaState, ReplicaView
 from decisions.policy import Deployment
 
 DEP = Deployment.model_validate(
@@ -54,3 +55,32 @@ def test_samples_a_window_apart_need_the_opening_one_saturated_too() -> None:
     assert decide("d", DEP, 2, calm_then_busy, now=100.0).desired == 2
     busy_twice = [Sample(39.5, 10.0), Sample(100.0, 10.0)]
     assert decide("d", DEP, 2, busy_twice, now=100.0).desired == 4
+
+
+def _with_signal(kind: str, min_replicas: int = 0) -> Deployment:
+    scaling = DEP.autoscaling.model_copy(update={"signal": kind})
+    return DEP.model_copy(update={"autoscaling": scaling, "min_replicas": min_replicas})
+
+
+def test_gateway_signals_are_totals_and_have_a_value_without_any_replica() -> None:
+    replicas = (
+        ReplicaView("r0", "chat", "a", ReplicaState.HEALTHY, queued_requests=6),
+        ReplicaView("r1", "chat", "a", ReplicaState.STARTING, queued_requests=2),
+    )
+    loads = {"chat": GatewayLoad(queue_depth=9, overflow_tokens_per_s=250.0, gateways=3)}
+    empty = FleetSnapshot((), ())
+    assert signal("chat", _with_signal("queued_at_gateway"), empty) == 0.0
+    assert signal("chat", _with_signal("overflow_tokens_per_s"), empty) == 0.0
+    assert signal("chat", _with_signal("queued_per_replica"), empty) is None
+    snap = FleetSnapshot((), replicas, loads)
+    assert signal("chat", _with_signal("queued_at_gateway"), snap) == 9.0  # not per replica
+    assert signal("chat", _with_signal("overflow_tokens_per_s"), snap) == 250.0
+    assert signal("chat", _with_signal("queued_per_replica"), snap) == 6.0  # gateways ignored
+    assert signal("other", _with_signal("queued_at_gateway"), snap) == 0.0
+
+
+def test_scale_up_from_zero_replicas() -> None:
+    dep = _with_signal("queued_at_gateway")
+    decision = decide("chat", dep, 0, flat(10, 0, 100), 100.0)
+    assert decision.desired == 2, decision.reason  # ceil(10 / 4) = 3, at most 2 a step
+    assert decide("chat", dep, 0, flat(0, 0, 400), 400.0).desired == 0  # quiet: stays at zero

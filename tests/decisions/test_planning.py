@@ -7,9 +7,16 @@ import dataclasses
 import itertools
 from typing import Any
 
-from decisions.fleetview import FleetSnapshot, ReplicaState, ReplicaView
+from decisions.fleetview import FleetSnapshot, GatewayLoad, ReplicaState, ReplicaView
 from decisions.planning import plan_step, with_pending
-from decisions.plantypes import PendingReplica, PlanInput, PlannedRelease, SamplePoint, trim_samples
+from decisions.plantypes import (
+    PendingReplica,
+    PlanInput,
+    PlannedRelease,
+    PlannedStart,
+    SamplePoint,
+    trim_samples,
+)
 from decisions.policy import Policy
 from tests.decisions.test_placement import CATALOG, agent
 
@@ -209,3 +216,58 @@ def test_failover_offers_reach_every_allowed_cloud_before_more_of_one() -> None:
     # With room to spare, the rest are the next cheapest, whatever their cloud.
     many = failover_offers(pol, dep, CATALOG, chosen, None, limit=8)
     assert {o.cloud for o in many} == clouds and len(many) == min(8, len(ranked))
+
+
+def gateway_policy(kind: str, **spill: Any) -> Policy:
+    base = policy(**spill)
+    dep = base.deployments["chat"]
+    scaling = dep.autoscaling.model_copy(update={"signal": kind})
+    dep = dep.model_copy(update={"min_replicas": 0, "autoscaling": scaling})
+    return base.model_copy(update={"deployments": {"chat": dep}})
+
+
+def test_scale_from_zero_on_the_gateways_queue() -> None:
+    """No replica at all, so no per-replica signal; the gateways' queue still has a value,
+    and sustained over the window it starts the first replica on the free reserved GPUs."""
+    pol = gateway_policy("queued_at_gateway")
+    waiting = {"chat": GatewayLoad(queue_depth=12, oldest_queued_s=3.0, gateways=2)}
+    snap = FleetSnapshot((agent("a", 8),), (), waiting)
+    samples: list[SamplePoint] = []
+    starts: list[PlannedStart] = []
+    now = 100.0
+    while not starts and now < 110:
+        out = plan_step(pol, snap, CATALOG, PlanInput("chat", samples), now, ids())
+        assert out.sample is not None and out.sample.value == 12.0
+        samples = trim_samples([*samples, out.sample], now - out.window_s)
+        starts = out.starts
+        now += 0.5
+    assert out.current == 0 and out.desired == 2, out.reason  # ceil(12 / 4), max 2 a step
+    assert [(s.where, s.agent_id) for s in starts] == [("reserved", "a"), ("cloud", "")]
+    assert 102.0 <= now - 0.5 <= 102.5, now  # after the whole scale-up window (2 s)
+    assert "queued_at_gateway over 4" in out.reason
+
+
+def test_overflow_signal_scales_from_zero_and_an_empty_gateway_holds_at_zero() -> None:
+    pol = gateway_policy("overflow_tokens_per_s")
+    samples = [SamplePoint(90.0, 900.0), SamplePoint(97.0, 900.0)]
+    snap = FleetSnapshot((agent("a", 8),), (), {"chat": GatewayLoad(overflow_tokens_per_s=900.0)})
+    out = plan_step(pol, snap, CATALOG, PlanInput("chat", samples), 100.0, ids())
+    assert out.desired == 2 and len(out.starts) == 2
+    quiet = plan_step(
+        pol, FleetSnapshot((agent("a", 8),), ()), CATALOG, PlanInput("chat"), 100.0, ids()
+    )
+    assert quiet.sample is not None and quiet.sample.value == 0.0
+    assert quiet.current == quiet.desired == 0 and quiet.starts == []
+
+
+def test_an_empty_gateway_view_changes_no_decision() -> None:
+    """The per-replica signals ignore the gateways entirely; with no gateway view the plans
+    are the ones they always were."""
+    snap = FleetSnapshot((agent("a", 8),), busy(9, "r0"))
+    with_view = dataclasses.replace(
+        snap, gateway={"chat": GatewayLoad(queue_depth=50, overflow_tokens_per_s=1e4)}
+    )
+    plain = plan_step(policy(), snap, CATALOG, PlanInput("chat", SATURATED), 100.0, ids())
+    viewed = plan_step(policy(), with_view, CATALOG, PlanInput("chat", SATURATED), 100.0, ids())
+    assert plain == viewed
+    assert with_pending(with_view, "chat", [], {"r0"}).gateway == with_view.gateway

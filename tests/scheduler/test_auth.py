@@ -69,3 +69,19 @@ def test_a_bad_tokens_file_names_the_file_and_field(tmp_path: Path) -> None:
     message = str(caught.value)
     assert message.startswith(f"{path}:4: tokens.0.sha256:")
     assert "should match pattern" in message
+
+
+def test_gateway_tokens_from_the_command_line(tmp_path: Path) -> None:
+    from spillway.cli import main
+
+    path = tmp_path / "tokens.yaml"
+    out = tmp_path / "gw-1.token"
+    args = ["token", "new", "--id", "gw-1", "--role", "gateway", "--tokens-file", str(path)]
+    assert main([*args, "--out", str(out)]) == 0
+    token = out.read_text().strip()
+    assert os.stat(out).st_mode & 0o777 == 0o600
+    add_token(path, "gw-1", "agent")  # the same id in another role is another token
+    store = TokenStore(path)
+    assert store.authenticate(_bearer(token)) == Principal("gw-1", "gateway")
+    entries = yaml.safe_load(path.read_text())["tokens"]
+    assert [(e["id"], e["role"]) for e in entries] == [("gw-1", "gateway"), ("gw-1", "agent")]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from decisions.fleetview import ReplicaState
 from scheduler.fleet import (
     AgentHealth,
+    DeploymentTraffic,
     FleetState,
+    GatewayReport,
     Gpu,
     GpuState,
     Labels,
     Registration,
+    Replica,
+    ReplicaLoad,
     Report,
 )
 
@@ -113,3 +118,85 @@ def test_reports_per_second_over_the_window() -> None:
     assert 9.0 <= fleet.reports_per_second() <= 10.0
     clock.now += FleetState.RATE_WINDOW_S + 1
     assert fleet.reports_per_second() == 0.0
+
+
+def _serving(sequence: int, state: ReplicaState = ReplicaState.HEALTHY, *ids: str) -> Report:
+    load = ReplicaLoad(sequence % 7, 0, 0.1, 10.0, 0.0, max_running_requests=32)
+    replicas = tuple(
+        Replica(i, "chat", "m", "simulated", 30000, (0,), state, "", load, 0, None)
+        for i in ids or ("r0",)
+    )
+    return Report(sequence, 0.0, (), replicas)
+
+
+def test_routable_version_moves_on_changes_not_on_every_report() -> None:
+    clock = Clock()
+    fleet = FleetState(1.0, 3, 10, clock=clock)
+    calls: list[int] = []
+    fleet.on_change = lambda: calls.append(fleet.routable_version)
+    fleet.register(_registration("a"))
+    fleet.apply("a", _serving(1))
+    version = fleet.routable_version
+    for n in range(2, 10):  # only the load moves
+        clock.now += 1
+        fleet.apply("a", _serving(n))
+    assert fleet.routable_version == version
+    fleet.apply("a", _serving(10, ReplicaState.DRAINING))
+    assert fleet.routable_version == version + 1
+    fleet.apply("a", _serving(11, ReplicaState.DRAINING, "r0", "r1"))
+    assert fleet.routable_version == version + 2
+    clock.now += 3.5  # stale: the sweep notices, once
+    fleet.sweep()
+    fleet.sweep()
+    assert fleet.routable_version == version + 3
+    fleet.apply("a", _serving(12, ReplicaState.DRAINING, "r0", "r1"))  # back
+    assert fleet.routable_version == version + 4
+    assert calls == list(range(1, fleet.routable_version + 1))
+
+
+def test_a_draining_mark_lasts_until_the_replica_leaves() -> None:
+    clock = Clock()
+    fleet = FleetState(1.0, 3, 10, clock=clock)
+    fleet.register(_registration("a"))
+    fleet.apply("a", _serving(1, ReplicaState.HEALTHY, "r0", "r1"))
+    assert not fleet.mark_draining("nowhere")
+    version = fleet.routable_version
+    assert fleet.mark_draining("r0")
+    assert fleet.mark_draining("r0")  # again: no change
+    assert fleet.routable_version == version + 1
+    record = fleet.get("a")
+    assert record is not None and record.report is not None
+    r0, r1 = record.report.replicas
+    assert fleet.state_of(r0) is ReplicaState.DRAINING
+    assert fleet.state_of(r1) is ReplicaState.HEALTHY
+    fleet.apply("a", _serving(2, ReplicaState.HEALTHY, "r0", "r1"))
+    assert fleet.draining() == {"r0"}
+    fleet.apply("a", _serving(3, ReplicaState.HEALTHY, "r1"))  # r0 left
+    assert fleet.draining() == frozenset()
+    fleet.apply("a", _serving(4, ReplicaState.HEALTHY, "r1"))
+    assert fleet.mark_draining("r1")
+    clock.now += 10.5  # the agent is forgotten, and its marks with it
+    assert fleet.sweep() == ["a"]
+    assert fleet.draining() == frozenset()
+
+
+def test_gateway_reports_newest_wins_then_stale_then_forgotten() -> None:
+    clock = Clock()
+    fleet = FleetState(1.0, 3, 10, clock=clock)
+    traffic = DeploymentTraffic("chat", 4, 1.5, {"r0": 2, "managed": 1}, (), 10.0, 0)
+    fleet.report_gateway(GatewayReport("gw-1", 0.0, (traffic,)))
+    clock.now += 2
+    newer = DeploymentTraffic("chat", 1, 0.5, {"r0": 1}, (), 0.0, 0)
+    fleet.report_gateway(GatewayReport("gw-1", 1.0, (newer,)))
+    fleet.report_gateway(GatewayReport("gw-2", 1.0, (traffic,)))
+    records = fleet.gateways()
+    assert [(g.gateway_id, g.in_flight("r0")) for g in records] == [("gw-1", 1), ("gw-2", 2)]
+    assert fleet.gateway_health(records[0]) is AgentHealth.CONNECTED
+    clock.now += 3.5
+    assert fleet.gateways(within_s=fleet.stale_after_s) == []
+    assert fleet.gateway_health(records[0]) is AgentHealth.STALE
+    fleet.sweep()
+    assert len(fleet.gateways()) == 2  # stale, not gone
+    clock.now += 7
+    fleet.sweep()
+    assert fleet.gateways() == []

@@ -26,8 +26,8 @@ The load generator runs in its own process (``--drive``). Prints tables and writ
 throughput at least sglang-router's; memory under 200 MB at 1,024 streams. This file is a
 benchmark, not a test: it asserts nothing.
 
-    .venv/bin/python bench/gateway.py            # everything (a few minutes)
-    .venv/bin/python bench/gateway.py --quick    # shorter levels
+    .venv/bin/python bench/gateway_load.py            # everything (a few minutes)
+    .venv/bin/python bench/gateway_load.py --quick    # shorter levels
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ def process(args: Sequence[str], log: Path) -> Iterator[subprocess.Popen[bytes]]
 
 def start_replicas(stack: ExitStack, work: Path, speedup: float) -> list[int]:
     ports = [free_port() for _ in range(REPLICAS)]
+    model = work / "model"
+    model.mkdir(exist_ok=True)
     for i, port in enumerate(ports):
         stack.enter_context(
             process(
@@ -103,7 +105,7 @@ def start_replicas(stack: ExitStack, work: Path, speedup: float) -> list[int]:
                     "-m",
                     "agent.runtimes.simulated_server",
                     "--model-path",
-                    "/models/bench",
+                    str(model),
                     "--served-model-name",
                     MODEL,
                     "--port",

@@ -1,0 +1,145 @@
+"""The gateway's config file: who the gateway is, where it listens, where the scheduler and the
+policy are, and how it talks to replicas.
+
+Read from YAML with ``SPILLWAY_GATEWAY_*`` environment overrides (``__`` separates nested keys,
+e.g. ``SPILLWAY_GATEWAY_SCHEDULER__ADDRESS``). Secrets are never written here: the gateway's
+bearer token is read from ``scheduler.token_file``, the replicas' API key from
+``replica_api_key_file``, managed endpoints' keys from the environment variables the policy
+names. ``examples/gateway.yaml`` documents every field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from common.configfile import load_model, resolve_path
+
+ENV_PREFIX = "SPILLWAY_GATEWAY_"
+ID_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
+_LISTEN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]*):(\d{1,5})$")
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_listen(value: str) -> str:
+    match = _LISTEN.match(value)
+    if match is None or int(match.group(2)) > 65535:
+        raise ValueError("expected host:port (port 0 picks a free one), e.g. 0.0.0.0:8000")
+    return value
+
+
+def _check_host_port(value: str) -> str:
+    match = _HOST_PORT.match(value)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        raise ValueError("expected host:port, e.g. scheduler.internal:50051")
+    return value
+
+
+class ClientTls(Strict):
+    """TLS towards the scheduler (the agent's shape). With ``cert_file`` and ``key_file`` it is
+    mutual TLS."""
+
+    ca_file: Path = Field(description="CA bundle that signed the scheduler's certificate.")
+    cert_file: Path | None = Field(default=None, description="Client certificate for mTLS.")
+    key_file: Path | None = Field(default=None, description="Client private key for mTLS.")
+    server_name: str | None = Field(
+        default=None, description="Name to check the scheduler's certificate against."
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClientTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class SchedulerEndpoint(Strict):
+    address: str = Field(description="host:port of the scheduler's gRPC endpoint.")
+    token_file: Path = Field(description="File holding this gateway's bearer token (role gateway).")
+    tls: ClientTls | None = None
+
+    _check_address = field_validator("address")(_check_host_port)
+
+
+class Reconnect(Strict):
+    """Jittered exponential backoff between attempts to reach the scheduler."""
+
+    initial_backoff_s: float = Field(default=0.5, gt=0, le=60)
+    max_backoff_s: float = Field(default=30.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _order(self) -> Reconnect:
+        if self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError("max_backoff_s must be at least initial_backoff_s")
+        return self
+
+
+class GatewayConfig(Strict):
+    gateway_id: str = Field(
+        pattern=ID_PATTERN, description="Unique id of this gateway; its token is bound to it."
+    )
+    listen: str = Field(default="0.0.0.0:8000", description="HTTP listen address (host:port).")
+    policy_file: Path = Field(description="The policy file (the scheduler's); reloaded on change.")
+    policy_reload_every_s: float = Field(default=2.0, gt=0, le=3600)
+    scheduler: SchedulerEndpoint
+    reconnect: Reconnect = Field(default_factory=Reconnect)
+    replica_api_key_file: Path | None = Field(
+        default=None,
+        description="File holding the replicas' API key (SGLang's --api-key), sent as a bearer "
+        "token; unset: none is sent.",
+    )
+    connect_timeout_s: float = Field(
+        default=2.0, gt=0, le=120, description="TCP connect to a replica or endpoint, at most."
+    )
+    read_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=86400,
+        description="Silence from an upstream (no byte) this long fails the request.",
+    )
+    health_probe_interval_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="A replica that refused a connection is probed (/health) this often until "
+        "it answers; it takes no requests meanwhile.",
+    )
+    max_connections: int = Field(
+        default=8192, ge=1, le=1_000_000, description="Upstream connections open at most."
+    )
+    max_body_bytes: int = Field(
+        default=64 << 20, ge=1024, le=1 << 30, description="Largest request body accepted."
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0, le=3600, description="On SIGTERM, in-flight requests get this long."
+    )
+
+    _check_listen = field_validator("listen")(_check_listen)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def load_gateway_config(path: Path | str) -> GatewayConfig:
+    """Load and validate a gateway config; relative paths are relative to the file."""
+    path = Path(path)
+    config = load_model(path, GatewayConfig, env_prefix=ENV_PREFIX)
+    base = path.resolve().parent
+    config.policy_file = resolve_path(base, config.policy_file) or config.policy_file
+    endpoint = config.scheduler
+    endpoint.token_file = resolve_path(base, endpoint.token_file) or endpoint.token_file
+    if endpoint.tls is not None:
+        tls = endpoint.tls
+        tls.ca_file = resolve_path(base, tls.ca_file) or tls.ca_file
+        tls.cert_file = resolve_path(base, tls.cert_file)
+        tls.key_file = resolve_path(base, tls.key_file)
+    config.replica_api_key_file = resolve_path(base, config.replica_api_key_file)
+    return config
