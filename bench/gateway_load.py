@@ -329,16 +329,6 @@ async def drive_multiturn(
     return {"ttft_s": latencies, "errors": errors}
 
 
-def run_driver(args: list[str]) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--drive", *args], capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"driver failed: {out.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(out.stdout)
-    return result
-
-
 # -- measuring --------------------------------------------------------------------------------
 
 
@@ -390,20 +380,21 @@ class Sampler:
 
 
 def measure(name: str, pid: int | None, driver_args: list[str]) -> tuple[dict[str, Any], Sampler]:
+    """Run the load generator in its own process while sampling the proxy ``pid``."""
     sampler = Sampler(pid)
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--drive", *driver_args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    while proc.poll() is None:
-        sampler.poll()
-        time.sleep(0.1)
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"{name}: driver failed: {err[-2000:]}")
-    result: dict[str, Any] = json.loads(out)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        # Files, not pipes: the result is large, and a full pipe would stall the driver.
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--drive", *driver_args], stdout=out, stderr=err
+        )
+        while proc.poll() is None:
+            sampler.poll()
+            time.sleep(0.1)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name}: driver failed: {err.read()[-2000:]}")
+        result: dict[str, Any] = json.loads(out.read())
     return result, sampler
 
 

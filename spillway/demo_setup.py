@@ -54,16 +54,26 @@ def free_port() -> int:
         return port
 
 
-def demo_policy() -> dict[str, Any]:
+#: The hosted APIs the managed endpoints stand for: deployment -> (name, residency group,
+#: USD per million input and output tokens, concurrency cap). The prices are Together AI's
+#: published ones for Llama 3.1 70B and 8B Instruct Turbo, as in examples/policy.yaml.
+MANAGED: dict[str, tuple[str, str, float, int]] = {
+    "chat-eu": ("hosted-eu", "eu", 0.88, 6),
+    "summarize": ("hosted-us", "us", 0.18, 6),
+}
+
+
+def demo_policy(managed_urls: dict[str, str] | None = None) -> dict[str, Any]:
+    """The demo's policy; ``managed_urls`` maps a deployment to its managed endpoint's URL."""
     autoscaling = {
-        "signal": "queued_per_replica",
+        "signal": "running_per_replica",
         "target": 3,
         "scale_down_below": 1,
         "max_step_up": 1,
         "max_step_down": 1,
     }
     windows = {"scale_up_window_s": 2, "cool_down_s": 10}
-    return {
+    policy: dict[str, Any] = {
         "credentials": {"aws": {"env": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]}},
         "deployments": {
             "chat-eu": {
@@ -107,6 +117,21 @@ def demo_policy() -> dict[str, Any]:
             },
         },
     }
+    for name, url in (managed_urls or {}).items():
+        endpoint, group, price, cap = MANAGED[name]
+        deployment = policy["deployments"][name]
+        deployment["managed"] = [
+            {
+                "name": endpoint,
+                "base_url": url,
+                "residency_group": group,
+                "usd_per_million_input_tokens": price,
+                "usd_per_million_output_tokens": price,
+                "max_concurrency": cap,
+            }
+        ]
+        deployment["gateway"] = {"queue_timeout_s": 20, "warmup_s": 1}
+    return policy
 
 
 AGENTS: dict[str, dict[str, Any]] = {
@@ -264,13 +289,21 @@ class DemoFiles:
     operator_token: Path
     address: str
     machines: Path
+    gateway_config: Path
+    #: The gateway's OpenAI base URL (``http://127.0.0.1:PORT/v1``).
+    gateway_url: str
+    #: Each managed endpoint's stand-in: deployment -> (port, served model name).
+    managed: dict[str, tuple[int, str]]
 
 
 def write_demo_files(root: Path, services: Services) -> DemoFiles:
-    """Tokens, the policy, a scheduler config and one config per agent."""
+    """Tokens, the policy, the scheduler and gateway configs and one config per agent."""
     tokens = root / "tokens.yaml"
     address = f"127.0.0.1:{free_port()}"
-    (root / "policy.yaml").write_text(yaml.safe_dump(demo_policy(), sort_keys=False))
+    models = {name: dep["model"] for name, dep in demo_policy()["deployments"].items()}
+    managed = {name: (free_port(), models[name]) for name in MANAGED}
+    urls = {name: f"http://127.0.0.1:{port}/v1" for name, (port, _) in managed.items()}
+    (root / "policy.yaml").write_text(yaml.safe_dump(demo_policy(urls), sort_keys=False))
     machines = root / "machines"
     scheduler_config = root / "scheduler.yaml"
     scheduler_config.write_text(
@@ -301,6 +334,7 @@ def write_demo_files(root: Path, services: Services) -> DemoFiles:
                 "stand_in": {
                     "state_dir": str(machines),
                     "agent_settings": {
+                        "advertise_host": "127.0.0.1",
                         "runtime": RUNTIME,
                         "temporal": {"address": services.temporal_address},
                         "reconnect": {"initial_backoff_s": 0.2, "max_backoff_s": 2.0},
@@ -322,6 +356,7 @@ def write_demo_files(root: Path, services: Services) -> DemoFiles:
         deployment, model, gpus = spec["seed"]
         config = {
             "agent_id": agent_id,
+            "advertise_host": "127.0.0.1",
             "scheduler": {"address": address, "token_file": token_file.name},
             "labels": spec["labels"],
             "gpus": {"discovery": "static", "static": [spec["gpus"]]},
@@ -343,4 +378,31 @@ def write_demo_files(root: Path, services: Services) -> DemoFiles:
         path = root / f"{agent_id}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         configs[agent_id] = path
-    return DemoFiles(root, scheduler_config, configs, operator_token, address, machines)
+    gateway_token = root / "gateway.token"
+    gateway_token.write_text(add_token(tokens, "demo-gateway", "gateway") + "\n")
+    gateway_port = free_port()
+    gateway_config = root / "gateway.yaml"
+    gateway_config.write_text(
+        yaml.safe_dump(
+            {
+                "gateway_id": "demo-gateway",
+                "listen": f"127.0.0.1:{gateway_port}",
+                "policy_file": "policy.yaml",
+                "policy_reload_every_s": 1,
+                "scheduler": {"address": address, "token_file": gateway_token.name},
+                "reconnect": {"initial_backoff_s": 0.2, "max_backoff_s": 2.0},
+            },
+            sort_keys=False,
+        )
+    )
+    return DemoFiles(
+        root,
+        scheduler_config,
+        configs,
+        operator_token,
+        address,
+        machines,
+        gateway_config,
+        f"http://127.0.0.1:{gateway_port}/v1",
+        managed,
+    )
