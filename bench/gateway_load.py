@@ -128,8 +128,9 @@ def start_replicas(stack: ExitStack, work: Path, speedup: float) -> list[int]:
 # -- the stand-in scheduler: GatewayService over real gRPC ----------------------------------------
 
 
-def fleet_server(ports: list[int]) -> Any:
-    """A grpc.aio server in a thread streaming the replicas as one RoutableFleet."""
+def fleet_server(ports: list[int], appear: Any = None) -> Any:
+    """A grpc.aio server in a thread streaming the replicas as one RoutableFleet; with
+    ``appear`` (a threading.Event), an empty fleet until the event is set (a cold start)."""
     import threading
 
     import grpc
@@ -157,9 +158,10 @@ def fleet_server(ports: list[int]) -> Any:
                         max_running_requests=256,
                     )
                 )
+            empty = pb.RoutableFleet(report_interval=duration_pb2.Duration(seconds=1))
             while True:
-                yield fleet
-                await asyncio.sleep(1.0)
+                yield fleet if appear is None or appear.is_set() else empty
+                await asyncio.sleep(0.05 if appear is not None and not appear.is_set() else 1.0)
 
         async def ReportTraffic(self, request: Any, context: Any) -> Any:
             return pb.GatewayReportAck(report_interval=duration_pb2.Duration(seconds=1))
@@ -183,7 +185,9 @@ def fleet_server(ports: list[int]) -> Any:
     return port
 
 
-def gateway_files(work: Path, scheduler_port: int, affinity: bool) -> tuple[Path, int]:
+def gateway_files(
+    work: Path, scheduler_port: int, affinity: bool, name: str = ""
+) -> tuple[Path, int]:
     import yaml
 
     port = free_port()
@@ -202,7 +206,7 @@ def gateway_files(work: Path, scheduler_port: int, affinity: bool) -> tuple[Path
             }
         }
     }
-    name = "affinity" if affinity else "plain"
+    name = name or ("affinity" if affinity else "plain")
     (work / f"policy-{name}.yaml").write_text(yaml.safe_dump(policy))
     (work / "gateway.token").write_text("bench-token\n")
     config = {
@@ -274,30 +278,31 @@ async def drive_throughput(
     return {"ttfb_s": ttfb, "completed": done, "errors": errors, "seconds": seconds}
 
 
-def conversations(count: int, turns: int, prompts: int, seed: int) -> list[list[str]]:
-    rng = random.Random(seed)
-    systems = [
-        " ".join(f"rule{p}-{w}" for w in range(1200)) for p in range(prompts)
-    ]  # about 1,200 tokens each, shared
+def conversations(count: int, turns: int, prompts: int, salt: str) -> list[list[str]]:
+    """Each turn's prompt is the whole conversation so far: a shared system prompt (about
+    1,500 tokens), then every earlier question and answer (about 500 tokens a turn). ``salt``
+    starts every prompt, so no configuration finds another's prompts in the replicas' caches."""
+    rng = random.Random(salt)
+    systems = [f"{salt} " + " ".join(f"rule{p}-{w}" for w in range(600)) for p in range(prompts)]
     out = []
     for c in range(count):
-        system = systems[c % prompts]
-        history = [system]
+        history = [systems[c % prompts]]
         convo = []
         for t in range(turns):
-            history.append(f"user {c} turn {t}: " + " ".join(rng.choices(["a", "b", "c"], k=40)))
+            history.append(f"user {c} turn {t}: " + " ".join(rng.choices(["a", "bb", "c"], k=60)))
             convo.append("\n".join(history))
-            history.append(f"assistant {c} turn {t}: ok")
+            answer = " ".join(rng.choices(["yes", "no", "maybe", "indeed"], k=300))
+            history.append(f"assistant {c} turn {t}: {answer}")
         out.append(convo)
     return out
 
 
 async def drive_multiturn(
-    urls: list[str], concurrency: int, count: int, turns: int, prompts: int
+    urls: list[str], concurrency: int, count: int, turns: int, prompts: int, salt: str
 ) -> dict[str, Any]:
     import aiohttp
 
-    work = conversations(count, turns, prompts, seed=7)
+    work = conversations(count, turns, prompts, salt)
     queue: asyncio.Queue[tuple[int, list[str]]] = asyncio.Queue()
     for i, convo in enumerate(work):
         queue.put_nowait((i, convo))
@@ -398,6 +403,83 @@ def measure(name: str, pid: int | None, driver_args: list[str]) -> tuple[dict[st
     return result, sampler
 
 
+def cold_start(stack: ExitStack, work: Path, ports: list[int]) -> list[dict[str, Any]]:
+    """Spillway's gateway with an empty fleet that gains the replicas 2 s later, against
+    sglang-router started with no worker; 8 requests sent at once to each."""
+    import threading
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    appear = threading.Event()
+    config, port = gateway_files(work, fleet_server(ports, appear), True, name="cold")
+    stack.enter_context(
+        process(
+            [sys.executable, "-m", "spillway", "gateway", "run", "--config", str(config)],
+            work / "cold.log",
+        )
+    )
+    wait_http(f"http://127.0.0.1:{port}/health")
+    router_port = free_port()
+    stack.enter_context(
+        process(
+            [
+                sys.executable,
+                "-m",
+                "sglang_router.launch_router",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(router_port),
+                "--policy",
+                "cache_aware",
+            ],
+            work / "router-empty.log",
+        )
+    )
+    wait_http(f"http://127.0.0.1:{router_port}/health")
+    body = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    ).encode()
+
+    def call(url: str) -> tuple[int, float]:
+        began = time.monotonic()
+        request = urllib.request.Request(
+            url, data=body, headers={"content-type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                response.read()
+                return response.status, time.monotonic() - began
+        except urllib.error.HTTPError as exc:
+            return exc.code, time.monotonic() - began
+
+    rows = []
+    for name, url in (
+        ("spillway", f"http://127.0.0.1:{port}/v1/chat/completions"),
+        ("sglang-router", f"http://127.0.0.1:{router_port}/v1/chat/completions"),
+    ):
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(call, url) for _ in range(8)]
+            if name == "spillway":
+                time.sleep(2.0)
+                appear.set()
+            outcomes = [f.result() for f in futures]
+        codes = sorted({c for c, _ in outcomes})
+        waits = [w for _, w in outcomes]
+        rows.append(
+            {
+                "path": name,
+                "answered": sum(1 for c, _ in outcomes if c == 200),
+                "refused": sum(1 for c, _ in outcomes if c != 200),
+                "statuses": ",".join(map(str, codes)),
+                "wait_p50_s": statistics.median(waits),
+                "wait_max_s": max(waits),
+            }
+        )
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--drive", nargs="*", help=argparse.SUPPRESS)
@@ -411,7 +493,8 @@ def main() -> int:
             result = asyncio.run(drive_throughput(urls, c, secs, warm))
         else:
             urls = rest[0].split(",")
-            result = asyncio.run(drive_multiturn(urls, int(rest[1]), int(rest[2]), int(rest[3]), 4))
+            count, turns = int(rest[2]), int(rest[3])
+            result = asyncio.run(drive_multiturn(urls, int(rest[1]), count, turns, 4, rest[4]))
         print(json.dumps(result))
         return 0
     return run_all(args.quick, args.out)
@@ -538,7 +621,7 @@ def run_all(quick: bool, out_path: Path) -> int:
         for name in ("spillway", "spillway-no-affinity", "sglang-router"):
             url, pid = proxies[name]
             before = replica_counters(ports)
-            r, _ = measure(name, pid, ["multiturn", url, "16", str(count), str(turns)])
+            r, _ = measure(name, pid, ["multiturn", url, "16", str(count), str(turns), name])
             after = replica_counters(ports)
             delta = [
                 {k: a.get(k, 0.0) - b.get(k, 0.0) for k in a}
@@ -564,6 +647,20 @@ def run_all(quick: bool, out_path: Path) -> int:
                 f"{row['ttft_p99_ms']:.1f}",
                 f"{busiest:.2f}",
                 str(r["errors"]),
+            )
+        console.print(table)
+        results["cold_start"] = cold_start(stack, work, ports)
+        table = Table(title="Cold start: 8 requests while the deployment has no replica yet")
+        for col in ("path", "answered", "refused", "statuses", "wait p50 s", "wait max s"):
+            table.add_column(col, justify="right")
+        for row in results["cold_start"]:
+            table.add_row(
+                row["path"],
+                str(row["answered"]),
+                str(row["refused"]),
+                row["statuses"],
+                f"{row['wait_p50_s']:.2f}",
+                f"{row['wait_max_s']:.2f}",
             )
         console.print(table)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,13 @@ The order, for every request:
 2. Targets that take no new requests (draining, unhealthy, at their cap, or already tried for
    this request) are skipped.
 3. Reserved replicas first, then rented replicas, then managed endpoints. Within a replica
-   tier, a request with an affinity key (a session, or its prompt's beginning) goes to the
-   replica that ranks highest for that key by rendezvous hashing, unless that would load the
-   replica past ``max_load_factor`` times the tier's mean load (bounded-load consistent
-   hashing): then to the next in the key's order, and so on. Without a key: the replica with
-   the fewest requests in flight. Among managed endpoints: the cheapest with room.
+   tier, a request with an affinity key (a session, or its prompt's beginning) goes back to
+   the replica that served its key last (its ``home``: that replica holds the conversation's
+   KV cache), else to the replica that ranks highest for the key by rendezvous hashing; in
+   either case only while that keeps the replica within ``max_load_factor`` times the tier's
+   mean load (bounded-load consistent hashing), else the next in the key's order, and so on.
+   Without a key: the replica with the fewest requests in flight. Among managed endpoints:
+   the cheapest with room.
 4. Nothing with room: the request queues (the caller's bounded queue decides how long).
 
 No I/O, no clock, no randomness: the same view and request always give the same answer.
@@ -77,6 +79,8 @@ class Request:
     affinity_key: str | None = None
     #: Targets already tried for this request (a retry must go elsewhere).
     exclude: frozenset[str] = frozenset()
+    #: The target that served this affinity key last (the caller remembers it), if any.
+    home: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +128,7 @@ def route(
         if request.affinity_key is None:
             chosen = min(open_, key=_by_load)
             return Routed(chosen, f"{tier.label}: fewest in flight")
-        return _by_affinity(tier, members, open_, request.affinity_key, max_load_factor)
+        return _by_affinity(tier, members, open_, request, max_load_factor)
     if not allowed:
         why = "no target inside the residency lock" if outside else "no replica yet"
         return Queued(why + (f" ({outside} outside it not used)" if outside else ""))
@@ -136,13 +140,17 @@ def _by_load(target: Target) -> tuple[float, int, str]:
 
 
 def _by_affinity(
-    tier: Tier, members: list[Target], open_: list[Target], key: str, factor: float
+    tier: Tier, members: list[Target], open_: list[Target], request: Request, factor: float
 ) -> Routed:
-    """Rendezvous hashing with a load bound: the key's highest-ranked replica whose load stays
-    within ``factor`` times the tier's mean after taking this request."""
+    """The key's home, else rendezvous hashing, with a load bound: the first replica whose load
+    stays within ``factor`` times the tier's mean after taking this request."""
     accepting = [t for t in members if t.accepting]
     mean = (sum(t.in_flight for t in accepting) + 1) / max(len(accepting), 1)
     bound = max(1, math.ceil(factor * mean))
+    for target in open_:
+        if target.target_id == request.home and target.in_flight + 1 <= bound:
+            return Routed(target, f"{tier.label}: affinity, back to the replica it used last")
+    key = request.affinity_key or ""
     ranked = sorted(open_, key=lambda t: _rank(key, t.target_id), reverse=True)
     for place, target in enumerate(ranked):
         if target.in_flight + 1 <= bound:

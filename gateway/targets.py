@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -152,6 +153,30 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+class Homes:
+    """Which replica served each affinity key last, for the newest ``size`` keys.
+
+    That replica holds the conversation's KV cache: routing sends the key back there while the
+    load bound allows, so one detour under load does not move a conversation for good.
+    """
+
+    def __init__(self, size: int = 65_536) -> None:
+        self.size = size
+        self._homes: OrderedDict[str, str] = OrderedDict()
+
+    def get(self, key: str) -> str | None:
+        return self._homes.get(key)
+
+    def remember(self, key: str, target_id: str) -> None:
+        self._homes[key] = target_id
+        self._homes.move_to_end(key)
+        if len(self._homes) > self.size:
+            self._homes.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._homes)
+
+
 class DeploymentState:
     """One deployment: its slots, lock, queue and traffic totals."""
 
@@ -165,6 +190,7 @@ class DeploymentState:
         self.replicas: dict[str, Slot] = {}
         self.managed: dict[str, Slot] = {}
         self.lingering: dict[int, Slot] = {}
+        self.homes = Homes()
         self.queue: WaitQueue[Slot] = WaitQueue(
             self.routing.queue_size,
             self.routing.queue_timeout_s,
@@ -262,10 +288,11 @@ class DeploymentState:
         self, key: str | None, exclude: frozenset[str], with_managed: bool
     ) -> Slot | Queued:
         """Route once; on a target, count the request on its slot and return the slot."""
+        home = self.homes.get(key) if key is not None else None
         decision = route(
             self.targets(time.monotonic(), with_managed),
             self.lock,
-            Request(key, exclude),
+            Request(key, exclude, home),
             max_load_factor=self.routing.max_load_factor,
         )
         if isinstance(decision, Queued):
@@ -279,6 +306,8 @@ class DeploymentState:
         if slot is None:
             return Queued("the chosen target is gone")
         slot.in_flight += 1
+        if key is not None and target.tier is not Tier.MANAGED:
+            self.homes.remember(key, target.target_id)
         return slot
 
     def grant(self, key: str | None, exclude: frozenset[str], with_managed: bool) -> Slot | None:

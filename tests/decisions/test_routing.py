@@ -56,6 +56,7 @@ requests = st.builds(
     Request,
     affinity_key=st.one_of(st.none(), st.text("xyz", max_size=4)),
     exclude=st.frozensets(st.text("abcdefgh", min_size=1, max_size=3), max_size=3),
+    home=st.one_of(st.none(), st.text("abcdefgh", min_size=1, max_size=3)),
 )
 
 
@@ -76,7 +77,8 @@ def test_routing_properties_on_ten_thousand_fleets() -> None:
         lock = _random_lock(rng)
         key = rng.choice([None, "x", "y", "xy", "zzz"])
         exclude = frozenset(rng.sample("abcdefgh", rng.randint(0, 2)))
-        check_decision(fleet, lock, Request(key, exclude), rng.uniform(1.0, 3.0))
+        home = rng.choice([None, *(t.target_id for t in fleet)])
+        check_decision(fleet, lock, Request(key, exclude, home), rng.uniform(1.0, 3.0))
 
 
 def _random_target(rng: random.Random) -> Target:
@@ -198,3 +200,16 @@ def test_the_load_bound_holds_as_requests_pile_up() -> None:
         in_flight[decision.target.target_id] += 1
         mean = sum(in_flight.values()) / len(in_flight)
         assert max(in_flight.values()) <= math.ceil(1.25 * mean) + 1
+
+
+def test_a_conversation_goes_back_to_its_home_while_the_bound_allows() -> None:
+    fleet = [Target(f"r{i}", Tier.RESERVED, cap=100) for i in range(4)]
+    first = route(fleet, UNLOCKED, Request("chat-7"))
+    assert isinstance(first, Routed)
+    other = next(t for t in fleet if t != first.target)
+    back = route(fleet, UNLOCKED, Request("chat-7", home=other.target_id))
+    assert isinstance(back, Routed) and back.target == other and "used last" in back.reason
+    # The home is loaded past the bound: the key's own order decides instead.
+    loaded = [replace(t, in_flight=9) if t == other else t for t in fleet]
+    moved = route(loaded, UNLOCKED, Request("chat-7", home=other.target_id))
+    assert isinstance(moved, Routed) and moved.target.target_id != other.target_id
