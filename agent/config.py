@@ -8,54 +8,24 @@ read from ``scheduler.token_file``.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.configfile import load_model, resolve_path
+from common.schedulerlink import (
+    Reconnect,
+    SchedulerEndpoint,
+    check_host_port,
+)
 
 ENV_PREFIX = "SPILLWAY_AGENT_"
 AGENT_ID_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
-_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def check_host_port(value: str) -> str:
-    """Accept ``host:port`` (``[v6]:port`` for IPv6) with a port in 1..65535."""
-    match = _HOST_PORT.match(value)
-    if match is None or not 0 < int(match.group(2)) < 65536:
-        raise ValueError("expected host:port, e.g. scheduler.internal:50051")
-    return value
-
-
-class ClientTls(Strict):
-    """TLS towards the scheduler. With ``cert_file`` and ``key_file`` it is mutual TLS."""
-
-    ca_file: Path = Field(description="CA bundle that signed the scheduler's certificate.")
-    cert_file: Path | None = Field(default=None, description="Client certificate for mTLS.")
-    key_file: Path | None = Field(default=None, description="Client private key for mTLS.")
-    server_name: str | None = Field(
-        default=None, description="Name to check the scheduler's certificate against."
-    )
-
-    @model_validator(mode="after")
-    def _pair(self) -> ClientTls:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file must be given together")
-        return self
-
-
-class SchedulerEndpoint(Strict):
-    address: str = Field(description="host:port of the scheduler's gRPC endpoint.")
-    token_file: Path = Field(description="File holding this agent's bearer token.")
-    tls: ClientTls | None = None
-
-    _check_address = field_validator("address")(check_host_port)
 
 
 class Labels(Strict):
@@ -85,19 +55,6 @@ class GpuDiscovery(Strict):
     def _static_needs_list(self) -> GpuDiscovery:
         if self.discovery == "static" and not self.static:
             raise ValueError("discovery 'static' needs a non-empty 'static' list")
-        return self
-
-
-class Reconnect(Strict):
-    """Jittered exponential backoff between attempts to reach the scheduler."""
-
-    initial_backoff_s: float = Field(default=0.5, gt=0, le=60)
-    max_backoff_s: float = Field(default=30.0, gt=0, le=600)
-
-    @model_validator(mode="after")
-    def _order(self) -> Reconnect:
-        if self.max_backoff_s < self.initial_backoff_s:
-            raise ValueError("max_backoff_s must be at least initial_backoff_s")
         return self
 
 

@@ -26,9 +26,10 @@ from typing import Any
 from aiohttp import web
 
 from common.configfile import read_secret
+from common.schedulerlink import read_token
 from decisions.endpoints import GatewayRouting
 from gateway.config import GatewayConfig
-from gateway.fleet import SchedulerLink, read_token
+from gateway.fleet import SchedulerLink
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.proxy import Call, Proxy, error_response
 from gateway.targets import CHAT, COMPLETIONS, GENERATE, Deployments, DeploymentState, PolicyFile

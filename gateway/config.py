@@ -13,14 +13,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.configfile import load_model, resolve_path
+from common.schedulerlink import Reconnect, SchedulerEndpoint
 
 ENV_PREFIX = "SPILLWAY_GATEWAY_"
 ID_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 _LISTEN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]*):(\d{1,5})$")
-_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
 class Strict(BaseModel):
@@ -32,52 +32,6 @@ def _check_listen(value: str) -> str:
     if match is None or int(match.group(2)) > 65535:
         raise ValueError("expected host:port (port 0 picks a free one), e.g. 0.0.0.0:8000")
     return value
-
-
-def _check_host_port(value: str) -> str:
-    match = _HOST_PORT.match(value)
-    if match is None or not 0 < int(match.group(2)) < 65536:
-        raise ValueError("expected host:port, e.g. scheduler.internal:50051")
-    return value
-
-
-class ClientTls(Strict):
-    """TLS towards the scheduler (the agent's shape). With ``cert_file`` and ``key_file`` it is
-    mutual TLS."""
-
-    ca_file: Path = Field(description="CA bundle that signed the scheduler's certificate.")
-    cert_file: Path | None = Field(default=None, description="Client certificate for mTLS.")
-    key_file: Path | None = Field(default=None, description="Client private key for mTLS.")
-    server_name: str | None = Field(
-        default=None, description="Name to check the scheduler's certificate against."
-    )
-
-    @model_validator(mode="after")
-    def _pair(self) -> ClientTls:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file must be given together")
-        return self
-
-
-class SchedulerEndpoint(Strict):
-    address: str = Field(description="host:port of the scheduler's gRPC endpoint.")
-    token_file: Path = Field(description="File holding this gateway's bearer token (role gateway).")
-    tls: ClientTls | None = None
-
-    _check_address = field_validator("address")(_check_host_port)
-
-
-class Reconnect(Strict):
-    """Jittered exponential backoff between attempts to reach the scheduler."""
-
-    initial_backoff_s: float = Field(default=0.5, gt=0, le=60)
-    max_backoff_s: float = Field(default=30.0, gt=0, le=600)
-
-    @model_validator(mode="after")
-    def _order(self) -> Reconnect:
-        if self.max_backoff_s < self.initial_backoff_s:
-            raise ValueError("max_backoff_s must be at least initial_backoff_s")
-        return self
 
 
 class GatewayConfig(Strict):

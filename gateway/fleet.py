@@ -10,11 +10,7 @@ scheduler knows no replica until the agents report again, so for two report inte
 new scheduler instance answers, replicas it does not list yet are kept. Protobuf messages are
 built and read here and nowhere else in the gateway.
 
-The channel is built here rather than shared with the agent's ``agent/channel.py``: the layer
-rules keep ``agent`` out of the gateway's imports, and ``common`` stays free of gRPC. It is a
-dozen lines with the same keepalive options, TLS (``grpc.ssl_channel_credentials``, mutual with
-a client certificate) and the bearer token as per-call metadata, which also works on a
-plaintext channel where gRPC refuses call credentials.
+The channel, TLS and token are :mod:`common.schedulerlink`'s, as for the agents.
 """
 
 from __future__ import annotations
@@ -26,15 +22,14 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from common.configfile import CredentialError, read_secret
+from common.schedulerlink import open_channel
 from common.v1 import agent_pb2 as pb
 from common.v1 import agent_pb2_grpc as pb_grpc
-from gateway.config import ClientTls, GatewayConfig
+from gateway.config import GatewayConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +42,6 @@ SILENT_INTERVALS = 3.0
 #: report intervals (its fleet is rebuilt from reports within one).
 RESTART_GRACE_INTERVALS = 2.0
 
-CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
-
 _STATES = {
     pb.REPLICA_STATE_STARTING: "starting",
     pb.REPLICA_STATE_HEALTHY: "healthy",
@@ -62,29 +50,6 @@ _STATES = {
     pb.REPLICA_STATE_FAILED: "failed",
     pb.REPLICA_STATE_STOPPED: "stopped",
 }
-
-
-def read_token(path: Path) -> str:
-    token = read_secret(path, "bearer token").decode("utf-8", errors="strict").strip()
-    if any(ch.isspace() for ch in token):
-        raise CredentialError(f"{path}: bearer token must be a single line without spaces")
-    return token
-
-
-def open_channel(address: str, tls: ClientTls | None) -> grpc.aio.Channel:
-    """A new channel to ``address``; TLS when ``tls`` is given, mutual TLS when it has a cert."""
-    if tls is None:
-        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-    root = read_secret(tls.ca_file, "CA certificate")
-    key = read_secret(tls.key_file, "client key") if tls.key_file else None
-    cert = read_secret(tls.cert_file, "client certificate") if tls.cert_file else None
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=root, private_key=key, certificate_chain=cert
-    )
-    options = list(CHANNEL_OPTIONS)
-    if tls.server_name:
-        options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.aio.secure_channel(address, credentials, options=options)
 
 
 # -- the fleet, as plain values ------------------------------------------------------------------

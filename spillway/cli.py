@@ -57,7 +57,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     from agent.channel import read_token
-    from agent.config import ClientTls
+    from common.schedulerlink import ClientTls
     from spillway.status import fetch_fleet, fleet_json, render
 
     if args.token_file is None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.config import ClientTls
 from agent.gpus import StaticInventory
 from agent.reporter import Reporter
+from common.schedulerlink import ClientTls
 from scheduler.server import Scheduler
 from spillway.status import fetch_fleet
 from tests.certs import CertificateAuthority, Issued
