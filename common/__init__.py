@@ -3,9 +3,11 @@
 - :mod:`common.v1`: the stubs generated from ``proto/spillway/v1/`` (``scripts/gen_protos.py``).
 - :mod:`common.configfile`: YAML config files into pydantic models, secrets by reference, and
   the one error shape (``FILE:LINE: FIELD: message``) every command prints.
+- :mod:`common.schedulerlink`: how a client reaches the scheduler (config section, TLS, token,
+  channel).
 
-This package imports nothing of the project and nothing heavier than pydantic, PyYAML and
-protobuf: the agent, the gateway and the control plane all import it.
+This package imports nothing of the project and nothing heavier than pydantic, PyYAML,
+protobuf and gRPC: the agent, the gateway and the control plane all import it.
 """
 
 from __future__ import annotations
