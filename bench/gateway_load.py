@@ -69,9 +69,10 @@ def wait_http(url: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status < 500:
-                    return
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers (sglang-router's /health is 503 with no worker)
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.1)
