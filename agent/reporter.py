@@ -2,8 +2,11 @@
 
 It only dials out. After any disconnect (scheduler restart, network loss, refused token) it waits
 a jittered exponential backoff and registers again; while it cannot reach the scheduler the node
-keeps serving what it runs (fail static). Protobuf messages are built here and nowhere else on
-the agent side.
+keeps serving what it runs (fail static). Every call carries the reporter's own instance id (a
+random id drawn when it is made, ``spillway-instance``): the scheduler lets one process at a
+time hold an agent id, refuses a second one with the same id and token (ALREADY_EXISTS, retried
+like any refusal), and lets this one replace its own stream after a network blip. Protobuf
+messages are built here and nowhere else on the agent side.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import math
 import random
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -169,7 +173,9 @@ class Reporter:
     ) -> None:
         self._config = config
         self._inventory = inventory
-        self._metadata = auth_metadata(token)
+        #: This process's id for the scheduler: the same for every Register and Report.
+        self.instance = uuid.uuid4().hex[:16]
+        self._metadata = auth_metadata(token, self.instance)
         self._replicas = replicas
         self._version = version
         self._hostname = hostname

@@ -16,6 +16,7 @@ Every error is in OpenAI's shape, ``{"error": {"message", "type", "param", "code
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import random
@@ -25,14 +26,21 @@ from typing import Any
 
 from aiohttp import web
 
-from common.configfile import read_secret
+from common.configfile import InputError, read_secret
 from common.schedulerlink import read_token
 from decisions.endpoints import GatewayRouting
 from gateway.config import GatewayConfig
 from gateway.fleet import SchedulerLink
 from gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from gateway.proxy import Call, Proxy, error_response
-from gateway.targets import CHAT, COMPLETIONS, GENERATE, Deployments, DeploymentState, PolicyFile
+from gateway.targets import (
+    CHAT,
+    COMPLETIONS,
+    GENERATE,
+    Deployments,
+    DeploymentState,
+    PolicyFile,
+)
 from providers.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -63,7 +71,10 @@ def affinity_key(
         return "u:" + user
     if not routing.affinity:
         return None
-    limit = routing.affinity_prefix_chars
+    return _prompt_prefix(data, kind, routing.affinity_prefix_chars)
+
+
+def _prompt_prefix(data: dict[str, Any], kind: str, limit: int) -> str | None:
     if kind == CHAT:
         text = _chat_prefix(data.get("messages"), limit)
     else:
@@ -99,6 +110,16 @@ def _chat_prefix(messages: object, limit: int) -> str:
     return "".join(parts)
 
 
+def _bind_failure(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "the address is already in use (another process holds the port)"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "the host is not an address of this machine"
+    return exc.strerror or str(exc)
+
+
 class Gateway:
     """The whole gateway: :meth:`start`, serve, :meth:`stop`."""
 
@@ -130,6 +151,8 @@ class Gateway:
         return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
+        """Serve; :class:`InputError` (one line, and nothing left running) when the listen
+        address cannot be bound."""
         self.deployments.apply_policy(self.policy_file.load())
         await self.proxy.start()
         app = build_app(self)
@@ -141,10 +164,16 @@ class Gateway:
             shutdown_timeout=self.config.shutdown_grace_s,
         )
         await runner.setup()
+        self._runner = runner
         host, port = self.config.host_port
         site = web.TCPSite(runner, host, port, backlog=4096)
-        await site.start()
-        self._runner = runner
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise InputError(
+                f"cannot listen on {self.config.listen} (listen): {_bind_failure(exc)}"
+            ) from None
         self.port = int(runner.addresses[0][1])
         self._tasks = [
             asyncio.create_task(self.link.run(), name="fleet watch"),

@@ -287,7 +287,10 @@ class DeploymentState:
     def try_acquire(
         self, key: str | None, exclude: frozenset[str], with_managed: bool
     ) -> Slot | Queued:
-        """Route once; on a target, count the request on its slot and return the slot."""
+        """Route once; on a target, count the request on its slot and return the slot.
+
+        ``key`` is the request's affinity key; the replica it lands on becomes the key's home.
+        """
         home = self.homes.get(key) if key is not None else None
         decision = route(
             self.targets(time.monotonic(), with_managed),

@@ -18,25 +18,40 @@ Each role may call only its own service: ``agent`` the AgentService (as its own 
 ``operator`` the FleetService, ``gateway`` the GatewayService (as its own gateway id).
 
 A plain SHA-256 is the right hash here: tokens carry 256 random bits, so there is nothing for a
-slow password hash to protect. The file is re-read when it changes; a broken edit is logged and
-the previous tokens stay in force. Nothing in this module logs a token.
+slow password hash to protect.
+
+The file must hold tokens when the scheduler starts: an empty file (no ``tokens`` key at all)
+is a :class:`~common.configfile.ConfigError` then, never "nobody may call". Later the file is
+re-read when it changes (:meth:`TokenStore.reload`, which :meth:`TokenStore.watch` runs off the
+event loop); an edit that cannot be used (not UTF-8, binary, truncated to nothing, unreadable,
+invalid, or anything else that fails) is logged once per distinct content and the previous
+tokens stay in force. ``tokens: []``, written on purpose, does revoke every token. Nothing in
+this module logs a token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import secrets
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.configfile import ConfigError, load_model
+from common.configfile import (
+    MAX_FILE_BYTES,
+    ConfigError,
+    describe_error,
+    load_model,
+    read_yaml_mapping,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,39 +79,74 @@ class Principal:
     role: Role
 
 
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """Who called, and the hash of the token they called with (to notice its revocation)."""
+
+    principal: Principal
+    token_hash: str
+
+
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+def parse_tokens(path: Path) -> dict[str, Principal]:
+    """The principals of a tokens file by token hash; :class:`ConfigError` when it is unusable,
+    also when it is empty (no ``tokens`` key)."""
+    root, data = read_yaml_mapping(path)
+    if not data:
+        raise ConfigError(
+            path,
+            [
+                f"{path}: no tokens: the file is empty (spillway token new --tokens-file "
+                f"{path} writes the first)"
+            ],
+        )
+    try:
+        parsed = _TokensFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(path, [describe_error(path, root, err) for err in exc.errors()]) from exc
+    if "tokens" not in data:
+        raise ConfigError(path, [f"{path}:1: tokens: required field is missing"])
+    by_hash: dict[str, Principal] = {}
+    for position, entry in enumerate(parsed.tokens):
+        if entry.sha256 in by_hash:
+            raise ConfigError(path, [f"{path}: tokens.{position}.sha256: same token listed twice"])
+        by_hash[entry.sha256] = Principal(entry.id, entry.role)
+    return by_hash
+
+
 class TokenStore:
-    """The hashed tokens of a tokens file, reloaded when the file changes."""
+    """The hashed tokens of a tokens file, reloaded when the file changes.
+
+    Thread-safe: :meth:`reload` may run in a worker thread while the event loop authenticates.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
+        self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
-        self._by_hash: dict[str, Principal] = {}
-        self._load()  # the first load must succeed: raise ConfigError to the caller
+        self._digest = ""  # of the content in force
+        self._refused_digest: str | None = None  # of the newest refused content, logged once
+        #: Problems of the newest refused edit; empty while the newest content is in force.
+        self.errors: list[str] = []
+        self.refused_total = 0
+        stamp = self._file_stamp()
+        digest = self._content_digest()  # raises nothing; a read error shows in parse_tokens
+        self._by_hash = parse_tokens(path)  # the first load must succeed: ConfigError
+        self._stamp, self._digest = stamp, digest or ""
 
     @property
     def path(self) -> Path:
         return self._path
 
-    def _load(self) -> None:
-        stamp = self._file_stamp()
-        parsed = load_model(self._path, _TokensFile)
-        by_hash: dict[str, Principal] = {}
-        for position, entry in enumerate(parsed.tokens):
-            if entry.sha256 in by_hash:
-                raise ConfigError(
-                    self._path, [f"{self._path}: tokens.{position}.sha256: same token listed twice"]
-                )
-            by_hash[entry.sha256] = Principal(entry.id, entry.role)
-        self._by_hash = by_hash
-        self._stamp = stamp
+    def __len__(self) -> int:
+        return len(self._by_hash)
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -105,18 +155,77 @@ class TokenStore:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _maybe_reload(self) -> None:
-        if self._file_stamp() == self._stamp:
-            return
+    def _content_digest(self) -> str | None:
         try:
-            self._load()
-            log.info("reloaded %d tokens from %s", len(self._by_hash), self._path)
-        except ConfigError as exc:
-            self._stamp = self._file_stamp()  # do not retry the same broken file every call
-            log.error("keeping the previous tokens: %s", exc)
+            with self._path.open("rb") as handle:
+                return hashlib.sha256(handle.read(MAX_FILE_BYTES + 1)).hexdigest()
+        except OSError:
+            return None
 
-    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal | None:
-        """The principal for the call's ``authorization: Bearer`` header, or None."""
+    def reload(self) -> bool:
+        """Read the file again if it changed; True when new tokens took force.
+
+        Never raises: an unusable edit keeps the tokens in force, sets :attr:`errors` and is
+        logged once per distinct content (the same broken bytes saved again are not news).
+        """
+        with self._lock:
+            return self._reload_locked()
+
+    def _reload_locked(self) -> bool:
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return False
+        digest = self._content_digest()
+        key = digest if digest is not None else f"unreadable {stamp}"
+        if digest is not None and digest == self._digest:
+            # Touched, or put back as it was: a later identical breakage is news again.
+            self._stamp, self.errors, self._refused_digest = stamp, [], None
+            return False
+        if key == self._refused_digest:
+            self._stamp = stamp
+            return False
+        try:
+            by_hash = parse_tokens(self._path)
+        except ConfigError as exc:
+            problems = exc.problems
+        except Exception as exc:  # whatever it was, the tokens in force stay
+            problems = [f"{self._path}: cannot load: {type(exc).__name__}"]
+        else:
+            self._by_hash, self._stamp, self._digest = by_hash, stamp, digest or ""
+            self._refused_digest, self.errors = None, []
+            log.info("reloaded %d tokens from %s", len(by_hash), self._path)
+            return True
+        self._stamp, self._refused_digest, self.errors = stamp, key, problems
+        self.refused_total += 1
+        log.error("keeping the previous tokens: %s", "; ".join(problems))
+        return False
+
+    def _maybe_reload(self) -> None:
+        # Never wait for a reload running in another thread: the tokens in force will do.
+        if self._lock.acquire(blocking=False):
+            try:
+                self._reload_locked()
+            finally:
+                self._lock.release()
+
+    async def watch(self, every_s: float, after: Callable[[], None] | None = None) -> None:
+        """Reload every ``every_s`` seconds in a worker thread, then call ``after`` on the
+        loop (whether or not anything changed), until cancelled."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await asyncio.to_thread(self.reload)
+                if after is not None:
+                    after()
+            except Exception:  # a callback failed: keep watching
+                log.exception("tokens reload of %s failed", self._path)
+
+    def principal_of(self, token_hash: str) -> Principal | None:
+        """Whom the token with this hash belongs to now; None when it is no longer listed."""
+        return self._by_hash.get(token_hash)
+
+    def identify(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Credential | None:
+        """The credential of the call's ``authorization: Bearer`` header, or None."""
         self._maybe_reload()
         for key, value in metadata or ():
             if key != "authorization" or not isinstance(value, str):
@@ -124,8 +233,15 @@ class TokenStore:
             scheme, _, token = value.partition(" ")
             if scheme.lower() != "bearer" or not token:
                 return None
-            return self._by_hash.get(hash_token(token.strip()))
+            token_hash = hash_token(token.strip())
+            principal = self._by_hash.get(token_hash)
+            return None if principal is None else Credential(principal, token_hash)
         return None
+
+    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal | None:
+        """The principal for the call's ``authorization: Bearer`` header, or None."""
+        credential = self.identify(metadata)
+        return None if credential is None else credential.principal
 
 
 def add_token(path: Path, principal_id: str, role: Role) -> str:

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from common.configfile import load_model, resolve_path
 
@@ -27,6 +27,18 @@ def check_listen(value: str) -> str:
     if match is None or int(match.group(2)) > 65535:
         raise ValueError("expected host:port (port 0 picks a free one), e.g. 0.0.0.0:50051")
     return value
+
+
+_ANY_HOST = ("", "0.0.0.0", "[::]", "::")
+
+
+def _same_socket(a: str, b: str) -> bool:
+    """Whether two listen addresses would claim the same port (port 0 never does)."""
+    host_a, _, port_a = a.rpartition(":")
+    host_b, _, port_b = b.rpartition(":")
+    if port_a != port_b or int(port_a) == 0:
+        return False
+    return host_a == host_b or host_a in _ANY_HOST or host_b in _ANY_HOST
 
 
 class ServerTls(Strict):
@@ -134,6 +146,12 @@ class SchedulerConfig(Strict):
         default="127.0.0.1:9464", description="Prometheus /metrics address; null disables it."
     )
     tokens_file: Path = Field(description="YAML file of hashed bearer tokens.")
+    tokens_reload_every_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=3600,
+        description="How often the tokens file is re-read; a revoked token's streams end then.",
+    )
     report_interval_s: float = Field(default=5.0, gt=0, le=3600)
     stale_after_intervals: float = Field(default=3, gt=0)
     gone_after_intervals: float = Field(default=12, gt=0)
@@ -154,8 +172,16 @@ class SchedulerConfig(Strict):
 
     @field_validator("metrics_listen")
     @classmethod
-    def _check_metrics(cls, value: str | None) -> str | None:
-        return None if value is None else check_listen(value)
+    def _check_metrics(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        check_listen(value)
+        listen = info.data.get("listen")
+        if isinstance(listen, str) and _same_socket(listen, value):
+            raise ValueError(
+                f"the same address as listen ({listen}): gRPC and /metrics need a port each"
+            )
+        return value
 
     @model_validator(mode="after")
     def _order(self) -> SchedulerConfig:

@@ -125,6 +125,9 @@ class AgentRecord:
     last_report_at: float | None = None  # Unix time
     report: Report | None = None
     reports_received: int = 0
+    #: The ``spillway-instance`` of the agent process that registered ("" when not sent); only
+    #: that process's Report stream is applied.
+    instance: str = ""
 
     @property
     def agent_id(self) -> str:
@@ -243,11 +246,14 @@ class FleetState:
         if self.on_change is not None:
             self.on_change()
 
-    def register(self, registration: Registration) -> AgentRecord:
-        """Add an agent or replace its registration (it may have restarted with new GPUs)."""
+    def register(self, registration: Registration, instance: str = "") -> AgentRecord:
+        """Add an agent or replace its registration (it may have restarted with new GPUs);
+        ``instance`` names the agent process that registered."""
         now = self._clock()
         previous = self._agents.get(registration.agent_id)
-        record = AgentRecord(registration, registered_at=self._wall(), last_seen=now)
+        record = AgentRecord(
+            registration, registered_at=self._wall(), last_seen=now, instance=instance
+        )
         if previous is not None and previous.registration.gpus == registration.gpus:
             # Same machine reconnecting: keep its last report so the fleet view does not blink.
             record.report = previous.report

@@ -36,6 +36,17 @@ MAX_GPUS = 64
 MAX_REPLICAS = 256
 MAX_LABELS = 32
 MAX_TEXT = 256
+#: The documented ranges of the numbers agents send (proto/spillway/v1/agent.proto says the same).
+#: A GPU's memory: 16 TiB, sixty times the largest GPU made today.
+MAX_GPU_MEMORY_BYTES = 1 << 44
+#: Running, queued and the server's cap on running requests, per replica.
+MAX_REQUESTS = 1_000_000
+MAX_TOKENS_PER_SECOND = 1e9
+MAX_PORT = 65535
+#: Report sequence numbers fit a signed 64-bit integer; they increase within a stream.
+MAX_SEQUENCE = (1 << 63) - 1
+#: Timestamps (sent_at, started_at): from the Unix epoch to the end of year 9999.
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
 #: Deployments one gateway report may list, and in-flight targets per deployment.
 MAX_DEPLOYMENTS = 256
 MAX_TARGETS = 1024
@@ -75,16 +86,27 @@ def registration_from_pb(message: pb.RegisterRequest) -> Registration:
     labels = message.labels
     if len(labels.extra) > MAX_LABELS:
         raise InvalidMessage(f"labels.extra has more than {MAX_LABELS} entries")
+    for n, g in enumerate(message.gpus):
+        if g.memory_total_bytes > MAX_GPU_MEMORY_BYTES:
+            raise InvalidMessage(
+                f"gpus[{n}].memory_total_bytes {g.memory_total_bytes} is more than "
+                f"{MAX_GPU_MEMORY_BYTES} (16 TiB)"
+            )
     gpus = tuple(
-        Gpu(
-            index=g.index,
-            uuid=_text(g.uuid, f"gpus[{n}].uuid"),
-            model=_text(g.model, f"gpus[{n}].model", required=True),
-            memory_total_bytes=g.memory_total_bytes,
+        sorted(
+            (
+                Gpu(
+                    index=g.index,
+                    uuid=_text(g.uuid, f"gpus[{n}].uuid"),
+                    model=_text(g.model, f"gpus[{n}].model", required=True),
+                    memory_total_bytes=g.memory_total_bytes,
+                )
+                for n, g in enumerate(message.gpus)
+            ),
+            key=lambda g: g.index,
         )
-        for n, g in enumerate(message.gpus)
     )
-    if sorted(g.index for g in gpus) != list(range(len(gpus))):
+    if [g.index for g in gpus] != list(range(len(gpus))):
         raise InvalidMessage("gpus must be indexed 0..N-1, each index once")
     return Registration(
         agent_id=_text(message.agent_id, "agent_id", required=True),
@@ -109,12 +131,26 @@ def registration_from_pb(message: pb.RegisterRequest) -> Registration:
     )
 
 
+def _check_time(ts: timestamp_pb2.Timestamp, field: str) -> float:
+    seconds, nanos = ts.seconds, ts.nanos
+    if not 0 <= seconds <= MAX_TIMESTAMP_SECONDS or not 0 <= nanos < 1_000_000_000:
+        raise InvalidMessage(
+            f"{field} must be between 1970-01-01 and 9999-12-31 with nanos 0..999999999, got "
+            f"seconds={seconds} nanos={nanos}"
+        )
+    return seconds + nanos / 1e9
+
+
 def report_from_pb(message: pb.CapacityReport, registration: Registration) -> Report:
     """Check a report against the agent's registration and convert it.
 
-    This runs for every report the scheduler receives, so the checks are written inline.
+    The report must list every registered GPU exactly once, with no more memory in use than
+    the GPU has; a replica may only name registered GPUs, each once. Every number must be in
+    its documented range (the constants above). This runs for every report the scheduler
+    receives, so the checks are written inline.
     """
-    inventory = len(registration.gpus)
+    registered = registration.gpus  # sorted by index: registered[i].index == i
+    inventory = len(registered)
     if len(message.gpus) > inventory:
         raise InvalidMessage(
             f"report lists {len(message.gpus)} GPUs; the agent registered {inventory}"
@@ -122,25 +158,50 @@ def report_from_pb(message: pb.CapacityReport, registration: Registration) -> Re
     if len(message.replicas) > MAX_REPLICAS:
         raise InvalidMessage(f"report lists more than {MAX_REPLICAS} replicas")
     gpus = []
+    seen = 0  # bit i: GPU i listed
     for n, g in enumerate(message.gpus):
         index = g.index
         utilization = g.utilization
         replica_id = g.replica_id
+        used = g.memory_used_bytes
         if index >= inventory:
             raise InvalidMessage(f"gpus[{n}].index {index} is not a registered GPU")
+        if seen >> index & 1:
+            raise InvalidMessage(f"gpus[{n}].index {index} is listed twice")
+        seen |= 1 << index
+        if used > registered[index].memory_total_bytes:
+            raise InvalidMessage(
+                f"gpus[{n}].memory_used_bytes {used} is more than GPU {index} has "
+                f"({registered[index].memory_total_bytes})"
+            )
         if not 0.0 <= utilization <= 1.0:  # also false for NaN
             raise InvalidMessage(
                 f"gpus[{n}].utilization must be between 0 and 1, got {utilization}"
             )
         if len(replica_id) > MAX_TEXT:
             raise InvalidMessage(f"gpus[{n}].replica_id is longer than {MAX_TEXT} characters")
-        gpus.append(GpuState(index, g.memory_used_bytes, utilization, replica_id, g.healthy))
+        gpus.append(GpuState(index, used, utilization, replica_id, g.healthy))
+    if len(gpus) != inventory:
+        raise InvalidMessage(
+            f"report lists {len(gpus)} GPUs; it must list every one of the {inventory} "
+            "registered, each once"
+        )
     replicas = []
+    names: set[str] = set()
     for n, r in enumerate(message.replicas):
         field = f"replicas[{n}]"
-        for index in r.gpu_indices:
+        indices = r.gpu_indices
+        if len(indices) > inventory:
+            raise InvalidMessage(
+                f"{field}.gpu_indices names more GPUs than the {inventory} registered"
+            )
+        held = 0
+        for index in indices:
             if index >= inventory:
                 raise InvalidMessage(f"{field}.gpu_indices names GPU {index}, not registered")
+            if held >> index & 1:
+                raise InvalidMessage(f"{field}.gpu_indices names GPU {index} twice")
+            held |= 1 << index
         state = _STATE_FROM_PB.get(r.state)
         if state is None:
             raise InvalidMessage(f"{field}.state has unknown value {r.state}")
@@ -150,22 +211,45 @@ def report_from_pb(message: pb.CapacityReport, registration: Registration) -> Re
             raise InvalidMessage(f"{field}.replica_id is required")
         if max(len(replica_id), len(deployment), len(model), len(runtime), len(reason)) > MAX_TEXT:
             raise InvalidMessage(f"{field} has a text field longer than {MAX_TEXT} characters")
+        if replica_id in names:
+            raise InvalidMessage(f"{field}.replica_id {replica_id!r} is listed twice")
+        names.add(replica_id)
+        if r.port > MAX_PORT:
+            raise InvalidMessage(f"{field}.port must be 0..{MAX_PORT}, got {r.port}")
         load = r.load
         kv, hits, tokens = (
             load.kv_cache_usage,
             load.cache_hit_rate,
             load.generation_tokens_per_second,
         )
+        running, queued, cap = (
+            load.running_requests,
+            load.queued_requests,
+            load.max_running_requests,
+        )
         if not 0.0 <= kv <= 1.0:
             raise InvalidMessage(f"{field}.load.kv_cache_usage must be between 0 and 1, got {kv}")
         if not 0.0 <= hits <= 1.0:
             raise InvalidMessage(f"{field}.load.cache_hit_rate must be between 0 and 1, got {hits}")
-        if not 0.0 <= tokens < math.inf:
+        if not 0.0 <= tokens <= MAX_TOKENS_PER_SECOND:
             raise InvalidMessage(
-                f"{field}.load.generation_tokens_per_second must be a finite number >= 0, "
-                f"got {tokens}"
+                f"{field}.load.generation_tokens_per_second must be a finite number from 0 to "
+                f"{MAX_TOKENS_PER_SECOND:.0e}, got {tokens}"
             )
-        started = r.started_at
+        if max(running, queued, cap) > MAX_REQUESTS:
+            name, value = next(
+                (name, value)
+                for name, value in (
+                    ("running_requests", running),
+                    ("queued_requests", queued),
+                    ("max_running_requests", cap),
+                )
+                if value > MAX_REQUESTS
+            )
+            raise InvalidMessage(f"{field}.load.{name} must be 0..{MAX_REQUESTS}, got {value}")
+        started = (
+            _check_time(r.started_at, f"{field}.started_at") if r.HasField("started_at") else None
+        )
         replicas.append(
             Replica(
                 replica_id,
@@ -173,24 +257,18 @@ def report_from_pb(message: pb.CapacityReport, registration: Registration) -> Re
                 model,
                 runtime,
                 r.port,
-                tuple(r.gpu_indices),
+                tuple(indices),
                 state,
                 reason,
-                ReplicaLoad(
-                    load.running_requests,
-                    load.queued_requests,
-                    kv,
-                    tokens,
-                    hits,
-                    load.max_running_requests,
-                ),
+                ReplicaLoad(running, queued, kv, tokens, hits, cap),
                 r.restarts,
-                started.seconds + started.nanos / 1e9 if r.HasField("started_at") else None,
+                started,
             )
         )
-    sent_at = message.sent_at
+    if message.sequence > MAX_SEQUENCE:
+        raise InvalidMessage(f"sequence {message.sequence} is larger than {MAX_SEQUENCE}")
     return Report(
-        message.sequence, sent_at.seconds + sent_at.nanos / 1e9, tuple(gpus), tuple(replicas)
+        message.sequence, _check_time(message.sent_at, "sent_at"), tuple(gpus), tuple(replicas)
     )
 
 

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from scheduler.fleet import AgentHealth, FleetState
 
 if TYPE_CHECKING:
+    from scheduler.auth import TokenStore
     from scheduler.policystore import PolicyStore
 
 
@@ -60,6 +61,8 @@ class ServiceStats(Protocol):
     def rejected(self) -> Mapping[str, int]: ...
     @property
     def policy_store(self) -> PolicyStore | None: ...
+    @property
+    def tokens(self) -> TokenStore: ...
 
 
 class FleetCollector(Collector):
@@ -123,11 +126,22 @@ class FleetCollector(Collector):
             sum_value=delay.total,
         )
         rejected = CounterMetricFamily(
-            "spillway_rejected_calls", "Calls refused, by gRPC status code.", labels=["code"]
+            "spillway_rejected_calls",
+            "Calls refused, by gRPC status code (each one; the log is rate-limited).",
+            labels=["code"],
         )
         for code, count in sorted(self._service.rejected.items()):
             rejected.add_metric([code], count)
         yield rejected
+        tokens = self._service.tokens
+        yield GaugeMetricFamily(
+            "spillway_tokens", "Tokens in force (from the tokens file).", value=len(tokens)
+        )
+        yield GaugeMetricFamily(
+            "spillway_tokens_edit_refused",
+            "1 while the newest edit of the tokens file is refused (the old tokens are in force).",
+            value=1 if tokens.errors else 0,
+        )
         store = self._service.policy_store
         if store is not None:
             info = GaugeMetricFamily(

@@ -149,10 +149,12 @@ class Gpu(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     index: _builtins.int
+    """0..N-1 over the N GPUs of a registration, each index once."""
     uuid: _builtins.str
     model: _builtins.str
     """Marketing name as the driver reports it, e.g. "NVIDIA H100 80GB HBM3"."""
     memory_total_bytes: _builtins.int
+    """0..2^44 (16 TiB)."""
     def __init__(
         self,
         *,
@@ -171,6 +173,10 @@ Global___Gpu: _TypeAlias = Gpu  # noqa: Y015
 
 @_typing.final
 class RegisterRequest(_message.Message):
+    """Text fields of agent messages are at most 256 characters; pool, provider, region and each
+    GPU's model are required.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
@@ -193,7 +199,9 @@ class RegisterRequest(_message.Message):
     @_builtins.property
     def labels(self) -> Global___AgentLabels: ...
     @_builtins.property
-    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gpu]: ...
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___Gpu]:
+        """At most 64 GPUs."""
+
     def __init__(
         self,
         *,
@@ -250,9 +258,11 @@ class GpuState(_message.Message):
     REPLICA_ID_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
     index: _builtins.int
+    """A registered GPU's index; a report lists each registered GPU exactly once."""
     memory_used_bytes: _builtins.int
+    """0..the GPU's registered memory_total_bytes."""
     utilization: _builtins.float
-    """Fraction of time the GPU was busy over the last sample, 0..1."""
+    """Fraction of time the GPU was busy over the last sample, 0..1 (finite)."""
     replica_id: _builtins.str
     """Replica the GPU is assigned to; empty when the GPU is free."""
     healthy: _builtins.bool
@@ -287,15 +297,19 @@ class ReplicaLoad(_message.Message):
     CACHE_HIT_RATE_FIELD_NUMBER: _builtins.int
     MAX_RUNNING_REQUESTS_FIELD_NUMBER: _builtins.int
     running_requests: _builtins.int
+    """0..1,000,000."""
     queued_requests: _builtins.int
+    """0..1,000,000."""
     kv_cache_usage: _builtins.float
-    """KV-cache use, 0..1."""
+    """KV-cache use, 0..1 (finite)."""
     generation_tokens_per_second: _builtins.float
-    """Generated tokens per second."""
+    """Generated tokens per second, 0..1e9 (finite)."""
     cache_hit_rate: _builtins.float
-    """Prefix-cache hit rate, 0..1."""
+    """Prefix-cache hit rate, 0..1 (finite)."""
     max_running_requests: _builtins.int
-    """The server's own cap on running requests (SGLang's max_running_requests); 0: unknown."""
+    """The server's own cap on running requests (SGLang's max_running_requests), 0..1,000,000;
+    0: unknown.
+    """
     def __init__(
         self,
         *,
@@ -330,22 +344,30 @@ class Replica(_message.Message):
     RESTARTS_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
+    """Required; unique within a report."""
     deployment: _builtins.str
     model: _builtins.str
     """Served model name."""
     runtime: _builtins.str
     """"sglang" or "simulated"."""
     port: _builtins.int
+    """0..65535."""
     state: Global___ReplicaState.ValueType
+    """One of the values of ReplicaState."""
     state_reason: _builtins.str
     """Why the replica is in its state, e.g. the exit code of the last crash."""
     restarts: _builtins.int
+    """0..2^32-1."""
     @_builtins.property
-    def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def gpu_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Registered GPU indices, each at most once."""
+
     @_builtins.property
     def load(self) -> Global___ReplicaLoad: ...
     @_builtins.property
-    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When set: 1970-01-01 to 9999-12-31, nanos 0..999,999,999."""
+
     def __init__(
         self,
         *,
@@ -381,13 +403,21 @@ class CapacityReport(_message.Message):
     agent_id: _builtins.str
     """Must equal the id the stream's token is bound to."""
     sequence: _builtins.int
-    """Increases by one per report within a stream."""
+    """0..2^63-1; the agent increases it by one per report, and within a stream each report's
+    must be greater than the one before (else INVALID_ARGUMENT).
+    """
     @_builtins.property
-    def sent_at(self) -> _timestamp_pb2.Timestamp: ...
+    def sent_at(self) -> _timestamp_pb2.Timestamp:
+        """The agent's clock: 1970-01-01 to 9999-12-31, nanos 0..999,999,999."""
+
     @_builtins.property
-    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuState]: ...
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuState]:
+        """Every registered GPU, each exactly once."""
+
     @_builtins.property
-    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Replica]: ...
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___Replica]:
+        """At most 256."""
+
     def __init__(
         self,
         *,

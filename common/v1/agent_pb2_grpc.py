@@ -27,7 +27,16 @@ if _version_not_supported:
 
 class AgentServiceStub:
     """AgentService is called by agents. Every call carries `authorization: Bearer <token>`; the
-    token is bound to one agent id and a call naming any other id is refused.
+    token is bound to one agent id and a call naming any other id is refused. Every call also
+    carries `spillway-instance: <id>`, a random id (1 to 64 letters, digits, '-' or '_') the agent
+    process draws when it starts and sends on every Register and Report.
+
+    One process at a time holds an agent id: the one whose Report stream is open and was heard
+    from within the silence limit (the scheduler's stale limit, at least two report intervals).
+    While it does, a Register or Report from another instance (or without the header) is refused
+    with ALREADY_EXISTS naming the id; the same instance may register again and open a new
+    stream, which replaces its old one (a reconnect). Once the holder has been silent past the
+    limit, the next process takes the id over (logged at WARNING).
     """
 
     def __init__(self, channel):
@@ -50,7 +59,16 @@ class AgentServiceStub:
 
 class AgentServiceServicer:
     """AgentService is called by agents. Every call carries `authorization: Bearer <token>`; the
-    token is bound to one agent id and a call naming any other id is refused.
+    token is bound to one agent id and a call naming any other id is refused. Every call also
+    carries `spillway-instance: <id>`, a random id (1 to 64 letters, digits, '-' or '_') the agent
+    process draws when it starts and sends on every Register and Report.
+
+    One process at a time holds an agent id: the one whose Report stream is open and was heard
+    from within the silence limit (the scheduler's stale limit, at least two report intervals).
+    While it does, a Register or Report from another instance (or without the header) is refused
+    with ALREADY_EXISTS naming the id; the same instance may register again and open a new
+    stream, which replaces its old one (a reconnect). Once the holder has been silent past the
+    limit, the next process takes the id over (logged at WARNING).
     """
 
     def Register(self, request, context):
@@ -63,7 +81,11 @@ class AgentServiceServicer:
     def Report(self, request_iterator, context):
         """Report is the long-lived stream of capacity reports. The scheduler acknowledges the first
         report of a stream and then every tenth, each acknowledgement carrying the interval it wants
-        reports at; an acknowledgement for report N means every report up to N was applied.
+        reports at; an acknowledgement for report N means every report up to N was applied. Only
+        the instance that registered last may report; a report that fails a check ends the stream
+        with INVALID_ARGUMENT naming the field and is not applied. The scheduler ends a stream that
+        sent nothing for the silence limit (DEADLINE_EXCEEDED), one replaced by a newer stream
+        (ALREADY_EXISTS), and one whose token was revoked (UNAUTHENTICATED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,7 +114,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AgentService:
     """AgentService is called by agents. Every call carries `authorization: Bearer <token>`; the
-    token is bound to one agent id and a call naming any other id is refused.
+    token is bound to one agent id and a call naming any other id is refused. Every call also
+    carries `spillway-instance: <id>`, a random id (1 to 64 letters, digits, '-' or '_') the agent
+    process draws when it starts and sends on every Register and Report.
+
+    One process at a time holds an agent id: the one whose Report stream is open and was heard
+    from within the silence limit (the scheduler's stale limit, at least two report intervals).
+    While it does, a Register or Report from another instance (or without the header) is refused
+    with ALREADY_EXISTS naming the id; the same instance may register again and open a new
+    stream, which replaces its old one (a reconnect). Once the holder has been silent past the
+    limit, the next process takes the id over (logged at WARNING).
     """
 
     @staticmethod
@@ -256,7 +287,8 @@ class GatewayServiceServicer:
     def WatchFleet(self, request, context):
         """The replicas a gateway may route to, as a whole set: sent when the stream opens, again
         whenever a replica appears, leaves or changes state, and at least once per report
-        interval (a stream silent for longer is dead).
+        interval (a stream silent for longer is dead). One gateway id may hold at most four
+        watches at once (RESOURCE_EXHAUSTED beyond); a watch ends when its token is revoked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

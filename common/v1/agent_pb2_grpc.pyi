@@ -33,7 +33,16 @@ GRPC_VERSION: str
 
 class AgentServiceStub:
     """AgentService is called by agents. Every call carries `authorization: Bearer <token>`; the
-    token is bound to one agent id and a call naming any other id is refused.
+    token is bound to one agent id and a call naming any other id is refused. Every call also
+    carries `spillway-instance: <id>`, a random id (1 to 64 letters, digits, '-' or '_') the agent
+    process draws when it starts and sends on every Register and Report.
+
+    One process at a time holds an agent id: the one whose Report stream is open and was heard
+    from within the silence limit (the scheduler's stale limit, at least two report intervals).
+    While it does, a Register or Report from another instance (or without the header) is refused
+    with ALREADY_EXISTS naming the id; the same instance may register again and open a new
+    stream, which replaces its old one (a reconnect). Once the holder has been silent past the
+    limit, the next process takes the id over (logged at WARNING).
     """
 
     @_typing.overload
@@ -45,13 +54,26 @@ class AgentServiceStub:
     Report: _grpc.StreamStreamMultiCallable[_agent_pb2.CapacityReport, _agent_pb2.ReportAck]
     """Report is the long-lived stream of capacity reports. The scheduler acknowledges the first
     report of a stream and then every tenth, each acknowledgement carrying the interval it wants
-    reports at; an acknowledgement for report N means every report up to N was applied.
+    reports at; an acknowledgement for report N means every report up to N was applied. Only
+    the instance that registered last may report; a report that fails a check ends the stream
+    with INVALID_ARGUMENT naming the field and is not applied. The scheduler ends a stream that
+    sent nothing for the silence limit (DEADLINE_EXCEEDED), one replaced by a newer stream
+    (ALREADY_EXISTS), and one whose token was revoked (UNAUTHENTICATED).
     """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
     """AgentService is called by agents. Every call carries `authorization: Bearer <token>`; the
-    token is bound to one agent id and a call naming any other id is refused.
+    token is bound to one agent id and a call naming any other id is refused. Every call also
+    carries `spillway-instance: <id>`, a random id (1 to 64 letters, digits, '-' or '_') the agent
+    process draws when it starts and sends on every Register and Report.
+
+    One process at a time holds an agent id: the one whose Report stream is open and was heard
+    from within the silence limit (the scheduler's stale limit, at least two report intervals).
+    While it does, a Register or Report from another instance (or without the header) is refused
+    with ALREADY_EXISTS naming the id; the same instance may register again and open a new
+    stream, which replaces its old one (a reconnect). Once the holder has been silent past the
+    limit, the next process takes the id over (logged at WARNING).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -60,12 +82,25 @@ class AgentServiceAsyncStub(AgentServiceStub):
     Report: _aio.StreamStreamMultiCallable[_agent_pb2.CapacityReport, _agent_pb2.ReportAck]  # type: ignore[assignment]
     """Report is the long-lived stream of capacity reports. The scheduler acknowledges the first
     report of a stream and then every tenth, each acknowledgement carrying the interval it wants
-    reports at; an acknowledgement for report N means every report up to N was applied.
+    reports at; an acknowledgement for report N means every report up to N was applied. Only
+    the instance that registered last may report; a report that fails a check ends the stream
+    with INVALID_ARGUMENT naming the field and is not applied. The scheduler ends a stream that
+    sent nothing for the silence limit (DEADLINE_EXCEEDED), one replaced by a newer stream
+    (ALREADY_EXISTS), and one whose token was revoked (UNAUTHENTICATED).
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService is called by agents. Every call carries `authorization: Bearer <token>`; the
-    token is bound to one agent id and a call naming any other id is refused.
+    token is bound to one agent id and a call naming any other id is refused. Every call also
+    carries `spillway-instance: <id>`, a random id (1 to 64 letters, digits, '-' or '_') the agent
+    process draws when it starts and sends on every Register and Report.
+
+    One process at a time holds an agent id: the one whose Report stream is open and was heard
+    from within the silence limit (the scheduler's stale limit, at least two report intervals).
+    While it does, a Register or Report from another instance (or without the header) is refused
+    with ALREADY_EXISTS naming the id; the same instance may register again and open a new
+    stream, which replaces its old one (a reconnect). Once the holder has been silent past the
+    limit, the next process takes the id over (logged at WARNING).
     """
 
     @_abc_1.abstractmethod
@@ -84,7 +119,11 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.ReportAck], _abc.AsyncIterator[_agent_pb2.ReportAck]]:
         """Report is the long-lived stream of capacity reports. The scheduler acknowledges the first
         report of a stream and then every tenth, each acknowledgement carrying the interval it wants
-        reports at; an acknowledgement for report N means every report up to N was applied.
+        reports at; an acknowledgement for report N means every report up to N was applied. Only
+        the instance that registered last may report; a report that fails a check ends the stream
+        with INVALID_ARGUMENT naming the field and is not applied. The scheduler ends a stream that
+        sent nothing for the silence limit (DEADLINE_EXCEEDED), one replaced by a newer stream
+        (ALREADY_EXISTS), and one whose token was revoked (UNAUTHENTICATED).
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
@@ -129,7 +168,8 @@ class GatewayServiceStub:
     WatchFleet: _grpc.UnaryStreamMultiCallable[_agent_pb2.WatchFleetRequest, _agent_pb2.RoutableFleet]
     """The replicas a gateway may route to, as a whole set: sent when the stream opens, again
     whenever a replica appears, leaves or changes state, and at least once per report
-    interval (a stream silent for longer is dead).
+    interval (a stream silent for longer is dead). One gateway id may hold at most four
+    watches at once (RESOURCE_EXHAUSTED beyond); a watch ends when its token is revoked.
     """
     ReportTraffic: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GatewayReport, _agent_pb2.GatewayReportAck]
     """What the gateway saw, once per report interval; the scheduler turns it into the
@@ -146,7 +186,8 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     WatchFleet: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchFleetRequest, _agent_pb2.RoutableFleet]  # type: ignore[assignment]
     """The replicas a gateway may route to, as a whole set: sent when the stream opens, again
     whenever a replica appears, leaves or changes state, and at least once per report
-    interval (a stream silent for longer is dead).
+    interval (a stream silent for longer is dead). One gateway id may hold at most four
+    watches at once (RESOURCE_EXHAUSTED beyond); a watch ends when its token is revoked.
     """
     ReportTraffic: _aio.UnaryUnaryMultiCallable[_agent_pb2.GatewayReport, _agent_pb2.GatewayReportAck]  # type: ignore[assignment]
     """What the gateway saw, once per report interval; the scheduler turns it into the
@@ -166,7 +207,8 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.RoutableFleet], _abc.AsyncIterator[_agent_pb2.RoutableFleet]]:
         """The replicas a gateway may route to, as a whole set: sent when the stream opens, again
         whenever a replica appears, leaves or changes state, and at least once per report
-        interval (a stream silent for longer is dead).
+        interval (a stream silent for longer is dead). One gateway id may hold at most four
+        watches at once (RESOURCE_EXHAUSTED beyond); a watch ends when its token is revoked.
         """
 
     @_abc_1.abstractmethod

@@ -89,6 +89,7 @@ def test_registration_carries_advertise_host_and_reports_the_running_cap(tmp_pat
         "r1", "d", "m", "sglang", 30000, (0,), ReplicaState.HEALTHY,
         load=ReplicaLoad(running_requests=3, max_running_requests=64),
     )  # fmt: skip
-    report = build_report("node-a", 1, [], [replica])
+    samples = [GpuSample(g.index, 0, 0.0, True) for g in gpus]
+    report = build_report("node-a", 1, samples, [replica])
     assert report.replicas[0].load.max_running_requests == 64
     assert report_from_pb(report, registration).replicas[0].load.max_running_requests == 64

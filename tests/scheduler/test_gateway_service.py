@@ -20,7 +20,7 @@ import pytest
 
 from agent.channel import auth_metadata
 from agent.gpus import StaticInventory
-from agent.reporter import Reporter, build_report
+from agent.reporter import Reporter
 from agent.status import ReplicaState, ReplicaStatus
 from common.v1 import agent_pb2 as pb
 from common.v1 import agent_pb2_grpc as pb_grpc
@@ -30,7 +30,7 @@ from scheduler.server import Scheduler
 from scheduler.snapshot import snapshot_from_fleet
 from spillway.status import fetch_fleet, fleet_json, gateway_figures, render
 from tests.conftest import SchedulerFactory, Tokens, agent_config, eventually
-from tests.scheduler.test_server import REPLICA, _register, _stream, registration
+from tests.scheduler.test_server import REPLICA, _register, _stream, full_report, registration
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPPED = replace(REPLICA, load=replace(REPLICA.load, max_running_requests=48))
@@ -194,7 +194,7 @@ async def test_a_gateway_token_is_refused_by_the_agent_and_fleet_services(
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "role 'gateway'" in (caught.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await _stream(scheduler.port, gateway, [build_report("gw-1", 1, [], [])])
+        await _stream(scheduler.port, gateway, [full_report("gw-1", 1)])
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await fetch_fleet(f"127.0.0.1:{scheduler.port}", gateway, None)
@@ -295,7 +295,7 @@ async def test_a_quiet_fleet_gets_a_heartbeat_per_interval_and_no_more(
 
     async def reports() -> AsyncIterator[pb.CapacityReport]:
         for n in range(1, 16):
-            yield build_report("node-a", n, [], [REPLICA])
+            yield full_report("node-a", n, [REPLICA])
             await asyncio.sleep(0.04)  # longer than a watch takes to coalesce changes
 
     async with watching(port, gw_tokens.clear["gw-1"]) as watch:

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.channel import auth_metadata
-from agent.gpus import StaticInventory
+from agent.gpus import GpuSample, StaticInventory
 from agent.reporter import Reporter, build_registration, build_report
 from agent.status import ReplicaLoad, ReplicaState, ReplicaStatus
 from common.v1 import agent_pb2 as pb
@@ -75,6 +75,14 @@ async def reporting(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def full_report(
+    agent_id: str, sequence: int, replicas: list[ReplicaStatus] | None = None, gpus: int = 8
+) -> pb.CapacityReport:
+    """A report as an agent sends it: every registered GPU, idle and healthy."""
+    samples = [GpuSample(i, 0, 0.0, True) for i in range(gpus)]
+    return build_report(agent_id, sequence, samples, replicas or [])
 
 
 def registration(agent_id: str, gpus: int = 8) -> pb.RegisterRequest:
@@ -215,7 +223,7 @@ async def test_agent_cannot_report_as_another_id(
     scheduler = await start_scheduler()
     await _register(scheduler.port, registration("node-a"), tokens.clear["node-a"])
     await _register(scheduler.port, registration("node-b"), tokens.clear["node-b"])
-    forged = build_report("node-a", 1, [], [])
+    forged = full_report("node-a", 1)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _stream(scheduler.port, tokens.clear["node-b"], [forged])
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -227,7 +235,7 @@ async def test_report_stream_needs_a_token_and_a_registration(
     start_scheduler: SchedulerFactory, tokens: Tokens
 ) -> None:
     scheduler = await start_scheduler()
-    report = build_report("node-a", 1, [], [])
+    report = full_report("node-a", 1)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _stream(scheduler.port, "spw_bogus", [report])
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -251,13 +259,13 @@ async def test_fleet_needs_an_operator_token(
 
 
 def _bad_reports() -> list[tuple[str, pb.CapacityReport]]:
-    out_of_range = build_report("node-a", 1, [], [])
-    out_of_range.gpus.add(index=9, healthy=True)
-    nan_kv = build_report("node-a", 1, [], [REPLICA])
+    out_of_range = full_report("node-a", 1)
+    out_of_range.gpus[0].index = 9
+    nan_kv = full_report("node-a", 1, [REPLICA])
     nan_kv.replicas[0].load.kv_cache_usage = float("nan")
-    unknown_gpu = build_report("node-a", 1, [], [REPLICA])
+    unknown_gpu = full_report("node-a", 1, [REPLICA])
     unknown_gpu.replicas[0].gpu_indices.append(42)
-    no_id = build_report("node-a", 1, [], [REPLICA])
+    no_id = full_report("node-a", 1, [REPLICA])
     no_id.replicas[0].replica_id = ""
     return [
         ("gpus[0].index 9 is not a registered GPU", out_of_range),
@@ -321,7 +329,7 @@ async def test_bad_messages_get_invalid_argument_and_others_keep_reporting(
         before = node_b.reports_received
         await eventually(lambda: node_b.reports_received >= before + 2)
         # A good report from node-a is still accepted afterwards.
-        acks = await _stream(port, tokens.clear["node-a"], [build_report("node-a", 7, [], [])])
+        acks = await _stream(port, tokens.clear["node-a"], [full_report("node-a", 7)])
         assert [ack.sequence for ack in acks] == [7]
         assert scheduler.service.rejected["INVALID_ARGUMENT"] == 2 + 1 + 1 + len(_bad_reports())
 
@@ -370,7 +378,7 @@ async def test_acknowledgements_are_sparse_and_in_order(
 ) -> None:
     scheduler = await start_scheduler()
     await _register(scheduler.port, registration("node-a"), tokens.clear["node-a"])
-    reports = [build_report("node-a", n, [], []) for n in range(1, 26)]
+    reports = [full_report("node-a", n) for n in range(1, 26)]
     acks = await _stream(scheduler.port, tokens.clear["node-a"], reports)
     assert [ack.sequence for ack in acks] == [1, 11, 21]
     assert all(ack.report_interval.ToNanoseconds() == 200_000_000 for ack in acks)
