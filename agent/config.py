@@ -70,6 +70,11 @@ class RuntimeSettings(Strict):
         default=(30000, 30999), description="Ports picked for replicas that name none."
     )
     python: str | None = Field(default=None, description="Interpreter that launches replicas.")
+    api_key_file: Path | None = Field(
+        default=None,
+        description="File holding the replicas' API key: every replica starts with SGLang's "
+        "--api-key, and the gateways send it (their replica_api_key_file); unset: none.",
+    )
     health_interval_s: float = Field(default=2.0, gt=0, le=60)
     health_failures: int = Field(
         default=3, ge=1, le=100, description="Consecutive failed checks before a restart."
@@ -182,6 +187,7 @@ def load_agent_config(path: Path | str) -> AgentConfig:
         tls.cert_file = resolve_path(base, tls.cert_file)
         tls.key_file = resolve_path(base, tls.key_file)
     config.state_dir = resolve_path(base, config.state_dir)
+    config.runtime.api_key_file = resolve_path(base, config.runtime.api_key_file)
     for entry in config.replicas:
         entry.model_path = resolve_path(base, entry.model_path) or entry.model_path
     return config

@@ -132,6 +132,8 @@ class SupervisorSettings:
     restart_backoff_max_s: float = 60.0
     crash_loop_restarts: int = 3  # this many crashes within the window: crash-looping
     crash_loop_window_s: float = 300.0
+    #: SGLang's --api-key for every replica; None: the replicas take requests without one.
+    api_key: str | None = None
 
 
 @dataclass(eq=False)
@@ -483,6 +485,7 @@ class Supervisor:
             gpu_model=r.gpu_model,
             mem_fraction_static=spec.mem_fraction_static,
             extra_args=spec.extra_args,
+            api_key=self.settings.api_key,
         )
         try:
             command = r.runtime.command(launch)

@@ -33,6 +33,8 @@ class LaunchSpec:
     gpu_model: str = ""
     mem_fraction_static: float | None = None
     extra_args: tuple[str, ...] = ()
+    #: SGLang's --api-key: requests must carry it as a bearer token.
+    api_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,8 @@ def launch_server_args(spec: LaunchSpec, tp_size: int, extra: Sequence[str] = ()
     ]
     if spec.mem_fraction_static is not None:
         args += ["--mem-fraction-static", f"{spec.mem_fraction_static:g}"]
+    if spec.api_key is not None:
+        args += ["--api-key", spec.api_key]
     return args + list(spec.extra_args)
 
 

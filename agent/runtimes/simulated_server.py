@@ -505,14 +505,33 @@ async def _sse(request: web.Request) -> web.StreamResponse:
 
 
 def _error(status: int, message: str) -> web.Response:
-    kind = {400: "BadRequestError", 503: "ServiceUnavailableError"}.get(status, "Error")
+    kinds = {400: "BadRequestError", 401: "AuthenticationError", 503: "ServiceUnavailableError"}
+    kind = kinds.get(status, "Error")
     return web.json_response(
         {"object": "error", "message": message, "type": kind, "code": status}, status=status
     )
 
 
+#: The routes an --api-key guards, as SGLang's does: serving requests, not health or metrics.
+GUARDED = ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/models")
+
+
+def api_key_check(key: str | None) -> Any:
+    """Middleware: with ``key``, the guarded routes need ``Authorization: Bearer <key>``."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        guarded = key is not None and request.path in GUARDED
+        if guarded and request.headers.get("Authorization", "") != f"Bearer {key}":
+            return _error(401, "missing or wrong API key")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return check
+
+
 def build_app(server: SimulatedServer) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[api_key_check(server.args.api_key)])
     app.router.add_get("/health", server.health)
     app.router.add_get("/health_generate", server.health_generate)
     app.router.add_get("/server_info", server.server_info)
@@ -535,6 +554,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tp-size", type=int, default=1)
     parser.add_argument("--mem-fraction-static", type=float, default=None)
     parser.add_argument("--enable-metrics", action="store_true")
+    parser.add_argument("--api-key", default=None, help="requests must carry it as a bearer token")
     parser.add_argument(
         "--page-size",
         type=int,

@@ -22,7 +22,7 @@ from agent.gpus import GpuDiscoveryError, GpuInfo, discover
 from agent.reporter import Reporter
 from agent.supervisor import ReplicaError, ReplicaSpec, Supervisor, SupervisorSettings
 from common import __version__
-from common.configfile import CredentialError, InputError
+from common.configfile import CredentialError, InputError, read_secret
 
 log = logging.getLogger("agent")
 
@@ -33,6 +33,9 @@ class StartupError(InputError):
 
 def supervisor_settings(config: AgentConfig) -> SupervisorSettings:
     r = config.runtime
+    api_key = None
+    if r.api_key_file is not None:
+        api_key = read_secret(r.api_key_file, "replica API key").decode().strip()
     return SupervisorSettings(
         state_dir=config.replica_state_dir,
         host=r.host,
@@ -48,6 +51,7 @@ def supervisor_settings(config: AgentConfig) -> SupervisorSettings:
         restart_backoff_max_s=r.restart_backoff_max_s,
         crash_loop_restarts=r.crash_loop_restarts,
         crash_loop_window_s=r.crash_loop_window_s,
+        api_key=api_key,
     )
 
 

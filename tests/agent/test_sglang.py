@@ -52,6 +52,8 @@ def test_launch_command_follows_the_spec() -> None:
     assert env == {"PATH": "/usr/bin", "CUDA_VISIBLE_DEVICES": "4,5"}
     with pytest.raises(ValueError, match="at least one GPU"):
         runtime.command(LaunchSpec(Path("/m"), "m", "h", 1, ()))
+    keyed = runtime.command(LaunchSpec(Path("/m"), "m", "h", 1, (0,), api_key="k-1"))
+    assert keyed[keyed.index("--api-key") + 1] == "k-1"
 
 
 def test_load_readers_sum_data_parallel_ranks() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 
 import aiohttp
 import openai
@@ -213,3 +214,28 @@ async def until_running(replica: SimReplica, n: int, within_s: float = 5.0) -> N
     while (await replica.running()) != n:
         assert time.monotonic() < deadline, f"{replica.replica_id} never had {n} running"
         await asyncio.sleep(0.02)
+
+
+async def test_replicas_that_need_an_api_key_get_the_gateways(
+    tmp_path: Path,
+    replicas: ReplicaFactory,
+    scheduler: FakeScheduler,
+    start_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A replica started with --api-key (as the agent starts every replica when its
+    runtime.api_key_file is set) answers the gateway that sends the key, and no one else."""
+    (replica,) = await replicas("r-key", extra=("--speedup", "50", "--api-key", "k-123"))
+    scheduler.set_fleet([routable(replica)])
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with http.post(f"{replica.url}/v1/chat/completions", json=body) as direct:
+        assert direct.status == 401  # the replica itself refuses a call without the key
+    key_file = tmp_path / "replica.key"
+    key_file.write_text("k-123\n")
+    keyed = await start_gateway({"chat": deployment()}, scheduler, replica_api_key_file=key_file)
+    async with http.post(f"{keyed.url}/v1/chat/completions", json=body) as answer:
+        assert answer.status == 200, await answer.text()
+    bare = await start_gateway({"chat": deployment()}, scheduler)
+    async with http.post(f"{bare.url}/v1/chat/completions", json=body) as refused:
+        assert refused.status == 401  # the replica's own answer, passed through
+        assert (await refused.json())["message"] == "missing or wrong API key"
