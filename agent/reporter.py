@@ -18,7 +18,6 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -27,6 +26,7 @@ from agent.channel import auth_metadata, open_channel
 from agent.config import AgentConfig
 from agent.gpus import GpuInfo, GpuInventory, GpuSample
 from agent.status import ReplicaState, ReplicaStatus
+from common.schedulerlink import Backoff
 from common.v1 import agent_pb2 as pb
 from common.v1 import agent_pb2_grpc as pb_grpc
 
@@ -142,19 +142,6 @@ def _replica(r: ReplicaStatus) -> pb.Replica:
     if r.started_at is not None:
         message.started_at.CopyFrom(timestamp(r.started_at))
     return message
-
-
-@dataclass
-class Backoff:
-    """Full-jitter exponential backoff: attempt n sleeps uniform(0, min(cap, initial * 2**n))."""
-
-    initial_s: float
-    max_s: float
-    rng: random.Random
-
-    def delay(self, attempt: int, cap_s: float | None = None) -> float:
-        cap = self.max_s if cap_s is None else min(self.max_s, cap_s)
-        return self.rng.uniform(0.0, min(cap, self.initial_s * (2.0 ** min(attempt, 30))))
 
 
 class Reporter:

@@ -10,7 +10,9 @@ exponential backoff between attempts (:class:`Reconnect`).
 
 from __future__ import annotations
 
+import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -79,6 +81,19 @@ class Reconnect(_Strict):
         if self.max_backoff_s < self.initial_backoff_s:
             raise ValueError("max_backoff_s must be at least initial_backoff_s")
         return self
+
+
+@dataclass
+class Backoff:
+    """Full-jitter exponential backoff: attempt n sleeps uniform(0, min(cap, initial * 2**n))."""
+
+    initial_s: float
+    max_s: float
+    rng: random.Random
+
+    def delay(self, attempt: int, cap_s: float | None = None) -> float:
+        cap = self.max_s if cap_s is None else min(self.max_s, cap_s)
+        return self.rng.uniform(0.0, min(cap, self.initial_s * (2.0 ** min(attempt, 30))))
 
 
 def read_token(path: Path) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from common.schedulerlink import open_channel
+from common.schedulerlink import Backoff, open_channel
 from common.v1 import agent_pb2 as pb
 from common.v1 import agent_pb2_grpc as pb_grpc
 from gateway.config import GatewayConfig
@@ -217,15 +217,15 @@ class SchedulerLink:
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._fleet = fleet
         self._traffic = traffic
-        self._rng = rng or random.Random()
+        r = config.reconnect
+        self._backoff = Backoff(r.initial_backoff_s, r.max_backoff_s, rng or random.Random())
         self.state = LinkState()
 
     def _delay(self, attempt: int) -> float:
-        """Full jitter: uniform(0, min(cap, initial * 2**attempt)); never above the interval
-        once the scheduler has told it (a retry per interval costs it what a report does)."""
+        """Never above the interval once the scheduler has told it (a retry per interval costs
+        it what a report does)."""
         r = self._config.reconnect
-        cap = min(r.max_backoff_s, max(self.state.interval_s, r.initial_backoff_s))
-        return self._rng.uniform(0.0, min(cap, r.initial_backoff_s * 2.0 ** min(attempt, 30)))
+        return self._backoff.delay(attempt, max(self.state.interval_s, r.initial_backoff_s))
 
     async def run(self) -> None:
         attempt = 0

@@ -6,8 +6,9 @@ import random
 from pathlib import Path
 
 from agent.gpus import GpuSample
-from agent.reporter import Backoff, build_report
+from agent.reporter import build_report
 from agent.status import ReplicaState, ReplicaStatus
+from common.schedulerlink import Backoff
 from common.v1 import agent_pb2 as pb
 
 
