@@ -404,6 +404,17 @@ def measure(name: str, pid: int | None, driver_args: list[str]) -> tuple[dict[st
     return result, sampler
 
 
+def start_router(
+    stack: ExitStack, log: Path, ports: list[int]
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """sglang-router with ``cache_aware`` over the replicas on ``ports`` (none: no worker)."""
+    port = free_port()
+    workers = ["--worker-urls", *(f"http://127.0.0.1:{p}" for p in ports)] if ports else []
+    args = ["--host", "127.0.0.1", "--port", str(port), "--policy", "cache_aware", *workers]
+    command = [sys.executable, "-m", "sglang_router.launch_router", *args]
+    return port, stack.enter_context(process(command, log))
+
+
 def cold_start(stack: ExitStack, work: Path, ports: list[int]) -> list[dict[str, Any]]:
     """Spillway's gateway with an empty fleet that gains the replicas 2 s later, against
     sglang-router started with no worker; 8 requests sent at once to each."""
@@ -421,23 +432,7 @@ def cold_start(stack: ExitStack, work: Path, ports: list[int]) -> list[dict[str,
         )
     )
     wait_http(f"http://127.0.0.1:{port}/health")
-    router_port = free_port()
-    stack.enter_context(
-        process(
-            [
-                sys.executable,
-                "-m",
-                "sglang_router.launch_router",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(router_port),
-                "--policy",
-                "cache_aware",
-            ],
-            work / "router-empty.log",
-        )
-    )
+    router_port, _ = start_router(stack, work / "router-empty.log", [])
     wait_http(f"http://127.0.0.1:{router_port}/health")
     body = json.dumps(
         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -525,25 +520,7 @@ def run_all(quick: bool, out_path: Path) -> int:
             )
             wait_http(f"http://127.0.0.1:{port}/health")
             proxies[label] = (f"http://127.0.0.1:{port}/v1/chat/completions", proc.pid)
-        router_port = free_port()
-        router = stack.enter_context(
-            process(
-                [
-                    sys.executable,
-                    "-m",
-                    "sglang_router.launch_router",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(router_port),
-                    "--policy",
-                    "cache_aware",
-                    "--worker-urls",
-                    *(f"http://127.0.0.1:{p}" for p in ports),
-                ],
-                work / "router.log",
-            )
-        )
+        router_port, router = start_router(stack, work / "router.log", ports)
         wait_http(f"http://127.0.0.1:{router_port}/health")
         time.sleep(2.0)  # the router checks its workers' health before it routes
         proxies["sglang-router"] = (
