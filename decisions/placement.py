@@ -331,6 +331,10 @@ def _offers_to_try(
     skip_zone: SkipZone | None,
 ) -> list[Offer] | _NoOffer:
     """Cloud offers inside the lock, cheapest first, less zones in the capacity-error memory."""
+    if not providers:
+        # An empty set would mean every cloud to the catalog: nothing may be rented instead.
+        error = "no cloud may be rented from: spillover lists none and no credentials are set"
+        return _NoOffer(error, lock_error=error)
     ranked = offers.get(dep.sku, dep.gpus, frozenset(providers))
     if isinstance(ranked, str):
         return _NoOffer(ranked, lock_error=ranked)

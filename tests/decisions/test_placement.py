@@ -221,3 +221,25 @@ def test_no_placement_outside_the_lock(
                 )
         clouds = sum(1 for p in result.placements if p.where == "cloud")
         assert clouds <= dep.spillover.max_spilled_replicas
+
+
+def test_no_cloud_allowed_means_nothing_is_rented() -> None:
+    """An empty provider list (none listed, no credentials) is no cloud, not every cloud."""
+    unchecked = Policy.model_validate(
+        {
+            "deployments": {
+                "chat": {
+                    "model": "m",
+                    "weights": "s3://b/m",
+                    "sku": "H100-80GB",
+                    "gpus": 8,
+                    "max_replicas": 8,
+                    "autoscaling": {"target": 4},
+                    "spillover": {"enabled": True, "max_spilled_replicas": 3},
+                }
+            }
+        }
+    )
+    (result,) = place(unchecked, FleetSnapshot((), ()), {"chat": 1}, CATALOG)
+    assert result.placements == () and result.unplaced == 1
+    assert "no cloud may be rented from" in result.lock_error
