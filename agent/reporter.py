@@ -22,11 +22,10 @@ from collections.abc import Callable, Sequence
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from agent.channel import auth_metadata, open_channel
 from agent.config import AgentConfig
 from agent.gpus import GpuInfo, GpuInventory, GpuSample
 from agent.status import ReplicaState, ReplicaStatus
-from common.schedulerlink import Backoff
+from common.schedulerlink import Backoff, auth_metadata, open_channel
 from common.v1 import agent_pb2 as pb
 from common.v1 import agent_pb2_grpc as pb_grpc
 

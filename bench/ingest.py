@@ -113,10 +113,10 @@ from google.protobuf import __version__ as protobuf_version  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from agent.channel import CHANNEL_OPTIONS, auth_metadata  # noqa: E402
 from agent.gpus import GIB, GpuSample  # noqa: E402
 from agent.reporter import build_report  # noqa: E402
 from agent.status import ReplicaLoad, ReplicaState, ReplicaStatus  # noqa: E402
+from common.schedulerlink import CHANNEL_OPTIONS, auth_metadata  # noqa: E402
 from common.v1 import agent_pb2 as pb  # noqa: E402
 from common.v1 import agent_pb2_grpc as pb_grpc  # noqa: E402
 from scheduler.auth import hash_token, new_token  # noqa: E402

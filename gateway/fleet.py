@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from common.schedulerlink import Backoff, open_channel
+from common.schedulerlink import Backoff, auth_metadata, open_channel
 from common.v1 import agent_pb2 as pb
 from common.v1 import agent_pb2_grpc as pb_grpc
 from gateway.config import GatewayConfig
@@ -214,7 +214,7 @@ class SchedulerLink:
         rng: random.Random | None = None,
     ) -> None:
         self._config = config
-        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._metadata = auth_metadata(token)
         self._fleet = fleet
         self._traffic = traffic
         r = config.reconnect

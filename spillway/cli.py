@@ -56,8 +56,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from agent.channel import read_token
-    from common.schedulerlink import ClientTls
+    from common.schedulerlink import ClientTls, read_token
     from spillway.status import fetch_fleet, fleet_json, render
 
     if args.token_file is None:
@@ -167,7 +166,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     import grpc
 
-    from agent.channel import read_token
+    from common.schedulerlink import read_token
     from common.v1 import agent_pb2 as pb
     from decisions.policycheck import load_policy
     from decisions.preview import plan_lines

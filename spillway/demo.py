@@ -51,7 +51,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from agent.channel import read_token
+from common.schedulerlink import read_token
 from common.v1 import agent_pb2 as pb
 from spillway.demo_setup import (
     AWS_ENV,

@@ -16,8 +16,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from agent.channel import auth_metadata, open_channel
-from common.schedulerlink import ClientTls
+from common.schedulerlink import ClientTls, auth_metadata, open_channel
 from common.v1 import agent_pb2 as pb
 from common.v1 import agent_pb2_grpc as pb_grpc
 

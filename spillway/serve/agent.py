@@ -16,13 +16,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.channel import read_token
 from agent.config import AgentConfig, load_agent_config
 from agent.gpus import GpuDiscoveryError, GpuInfo, discover
 from agent.reporter import Reporter
 from agent.supervisor import ReplicaError, ReplicaSpec, Supervisor, SupervisorSettings
 from common import __version__
 from common.configfile import CredentialError, InputError, read_secret
+from common.schedulerlink import read_token
 
 log = logging.getLogger("agent")
 

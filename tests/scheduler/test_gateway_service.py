@@ -18,10 +18,10 @@ import grpc
 import httpx
 import pytest
 
-from agent.channel import auth_metadata
 from agent.gpus import StaticInventory
 from agent.reporter import Reporter
 from agent.status import ReplicaState, ReplicaStatus
+from common.schedulerlink import auth_metadata
 from common.v1 import agent_pb2 as pb
 from common.v1 import agent_pb2_grpc as pb_grpc
 from decisions.autoscale import signal

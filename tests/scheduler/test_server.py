@@ -14,10 +14,10 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.channel import auth_metadata
 from agent.gpus import GpuSample, StaticInventory
 from agent.reporter import Reporter, build_registration, build_report
 from agent.status import ReplicaLoad, ReplicaState, ReplicaStatus
+from common.schedulerlink import auth_metadata
 from common.v1 import agent_pb2 as pb
 from common.v1 import agent_pb2_grpc as pb_grpc
 from scheduler.fleet import AgentHealth

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.channel import read_token
 from agent.config import load_agent_config
+from common.schedulerlink import read_token
 from providers.bootstrap import BootstrapSpec, TokenSource, render_user_data
 from tests.terraform.conftest import BOOTSTRAP
 
