@@ -60,6 +60,17 @@ def read_secret(path: Path, what: str) -> bytes:
     return data
 
 
+def read_secret_line(path: Path, what: str) -> str:
+    """A one-line secret (a token, an API key) as text, without surrounding white space."""
+    try:
+        text = read_secret(path, what).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CredentialError(f"{path}: {what} is not UTF-8 text") from None
+    if any(ch.isspace() for ch in text):
+        raise CredentialError(f"{path}: {what} must be a single line without spaces")
+    return text
+
+
 def load_model(
     path: Path | str,
     model: type[ModelT],

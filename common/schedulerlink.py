@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from common.configfile import CredentialError, read_secret
+from common.configfile import read_secret, read_secret_line
 
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
@@ -97,10 +97,7 @@ class Backoff:
 
 
 def read_token(path: Path) -> str:
-    token = read_secret(path, "bearer token").decode("utf-8", errors="strict").strip()
-    if any(ch.isspace() for ch in token):
-        raise CredentialError(f"{path}: bearer token must be a single line without spaces")
-    return token
+    return read_secret_line(path, "bearer token")
 
 
 #: The header naming the calling process (a random id drawn at start): the scheduler tells two

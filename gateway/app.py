@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from common.configfile import InputError, read_secret
+from common.configfile import InputError, read_secret_line
 from common.schedulerlink import read_token
 from decisions.endpoints import GatewayRouting
 from gateway.config import GatewayConfig
@@ -129,8 +129,7 @@ class Gateway:
         self.policy_file = PolicyFile(config.policy_file, catalog)
         replica_key = None
         if config.replica_api_key_file is not None:
-            raw = read_secret(config.replica_api_key_file, "replica API key")
-            replica_key = raw.decode("utf-8").strip()
+            replica_key = read_secret_line(config.replica_api_key_file, "replica API key")
         self.deployments = Deployments(self.metrics, replica_key, catalog)
         self.proxy = Proxy(config, self.metrics)
         self.link = SchedulerLink(

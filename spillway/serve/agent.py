@@ -21,7 +21,7 @@ from agent.gpus import GpuDiscoveryError, GpuInfo, discover
 from agent.reporter import Reporter
 from agent.supervisor import ReplicaError, ReplicaSpec, Supervisor, SupervisorSettings
 from common import __version__
-from common.configfile import CredentialError, InputError, read_secret
+from common.configfile import CredentialError, InputError, read_secret_line
 from common.schedulerlink import read_token
 
 log = logging.getLogger("agent")
@@ -35,7 +35,7 @@ def supervisor_settings(config: AgentConfig) -> SupervisorSettings:
     r = config.runtime
     api_key = None
     if r.api_key_file is not None:
-        api_key = read_secret(r.api_key_file, "replica API key").decode().strip()
+        api_key = read_secret_line(r.api_key_file, "replica API key")
     return SupervisorSettings(
         state_dir=config.replica_state_dir,
         host=r.host,

@@ -18,7 +18,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.configfile import MAX_DEPTH, MAX_FILE_BYTES, ConfigError, read_yaml_mapping
+from common.configfile import (
+    MAX_DEPTH,
+    MAX_FILE_BYTES,
+    ConfigError,
+    CredentialError,
+    read_secret_line,
+    read_yaml_mapping,
+)
 
 #: The slowest a single hostile input may take to be refused (generous for a loaded CI box).
 WORST_S = 2.0
@@ -199,3 +206,23 @@ def test_every_command_reading_a_file_exits_2_with_one_line(tmp_path: Path) -> N
         lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
         assert len(lines) == 1 and str(path) in lines[0], (args, lines)
         assert time.monotonic() - began < 20
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "file is empty"),
+        (b"\xff\xfe\x00binary", "is not UTF-8 text"),
+        (b"two words\n", "must be a single line without spaces"),
+        (b"one\nline-too-many\n", "must be a single line without spaces"),
+    ],
+)
+def test_a_one_line_secret_is_refused_in_one_line(
+    tmp_path: Path, content: bytes, expected: str
+) -> None:
+    path = tmp_path / "token"
+    path.write_bytes(content)
+    with pytest.raises(CredentialError, match=expected):
+        read_secret_line(path, "bearer token")
+    path.write_bytes(b"  s3cret-Token_1 \n")
+    assert read_secret_line(path, "bearer token") == "s3cret-Token_1"
