@@ -90,6 +90,41 @@ class Trace:
             self.source,
         )
 
+    def stretched_to_hours(self, hours: float) -> Trace:
+        """The trace played back to back (period: its duration) and cut at exactly ``hours``:
+        every request that arrives before ``hours`` x 3600 s, and a duration of exactly that.
+
+        Apply a time scale first (``trace.stretched(time_scale).stretched_to_hours(n)``): the
+        loop is of the trace as it is, so a fractional ``hours`` ends part-way into a loop."""
+        if not math.isfinite(hours) or hours <= 0:
+            raise ValueError(f"hours must be a positive number, got {hours:g}")
+        if len(self) == 0:
+            raise ValueError(f"an empty trace cannot be stretched to {hours:g} h")
+        period = self.duration_s
+        if period <= 0:
+            raise ValueError(
+                f"a trace of one instant cannot be stretched to {hours:g} h (its duration is 0 s)"
+            )
+        end = hours * 3600.0
+        whole = int(end // period)
+        arrivals: array[float] = array("d")
+        for loop in range(whole):
+            offset = loop * period
+            arrivals.extend(t + offset for t in self.arrivals)
+        inputs = self.input_tokens * whole
+        outputs = self.output_tokens * whole
+        offset = whole * period
+        # The part-loop: requests of one more loop that still arrive before the end.
+        count = bisect.bisect_left(self.arrivals, end - offset)
+        arrivals.extend(t + offset for t in self.arrivals[:count])
+        inputs.extend(self.input_tokens[:count])
+        outputs.extend(self.output_tokens[:count])
+        while arrivals and arrivals[-1] >= end:  # rounding in the offsets, never a late request
+            arrivals.pop()
+            inputs.pop()
+            outputs.pop()
+        return Trace(arrivals, inputs, outputs, end, self.source)
+
     def head(self, seconds: float) -> Trace:
         """The requests of the first ``seconds``."""
         count = bisect.bisect_left(self.arrivals, seconds)

@@ -83,3 +83,65 @@ def test_bad_rows_name_the_file_line_and_column(tmp_path: Path, text: str, messa
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(TraceError, match="cannot read the trace"):
         load_trace(tmp_path / "nope.csv")
+
+
+def one_hour(requests: int = 360) -> Trace:
+    """A request every 10 s for exactly one hour, sizes telling the requests apart."""
+    return Trace.of([(i * 10.0, i + 1, 2 * i + 1) for i in range(requests)], duration_s=3600.0)
+
+
+def test_stretched_to_whole_hours_repeats_every_request() -> None:
+    trace = one_hour()
+    day = trace.stretched_to_hours(24)
+    assert day.duration_s == 24 * 3600.0
+    assert len(day) == 24 * len(trace)
+    assert list(day.input_tokens) == list(trace.input_tokens) * 24
+    assert day.arrivals[len(trace)] == 3600.0  # the second loop starts one period in
+    assert day.arrivals[-1] == 23 * 3600.0 + trace.arrivals[-1]
+    assert all(b >= a for a, b in zip(day.arrivals, day.arrivals[1:], strict=False))
+
+
+def test_stretched_to_fractional_hours_ends_part_way_into_a_loop() -> None:
+    trace = one_hour()
+    stretched = trace.stretched_to_hours(1.5)
+    assert stretched.duration_s == 5400.0
+    assert len(stretched) == len(trace) + len(trace) // 2  # the first half of the second loop
+    assert stretched.arrivals[-1] == 3600.0 + 1790.0
+    assert list(stretched.output_tokens[len(trace) :]) == list(trace.output_tokens[:180])
+    quarter = trace.stretched_to_hours(0.25)
+    assert quarter.duration_s == 900.0
+    assert len(quarter) == 90  # 0, 10, ..., 890: the request at 900 s is past the end
+    assert quarter.arrivals[-1] < 900.0
+
+
+def test_stretched_to_hours_after_a_time_scale() -> None:
+    # Twice as fast: a 30-minute trace, so two hours are four loops.
+    fast = one_hour().stretched(time_scale=0.5)
+    two = fast.stretched_to_hours(2)
+    assert two.duration_s == 7200.0
+    assert len(two) == 4 * 360
+    assert two.mean_rate() == pytest.approx(2 * one_hour().mean_rate())
+
+
+def test_stretched_to_hours_of_the_azure_trace_lasts_exactly_that() -> None:
+    if not AZURE.is_dir():
+        pytest.skip("the shared Azure trace is not on this machine")
+    trace = load_trace(AZURE / "azure_llm_2023_conv.csv")
+    day = trace.stretched_to_hours(24)
+    assert day.duration_s == 86_400.0
+    loops = 86_400.0 / trace.duration_s  # the recorded hour lasts a little less than 3600 s
+    assert int(loops) * len(trace) < len(day) < (int(loops) + 1) * len(trace)
+    assert day.arrivals[-1] < 86_400.0
+
+
+@pytest.mark.parametrize("hours", [0, -1, float("nan"), float("inf")])
+def test_stretched_to_hours_refuses_a_length_that_is_not_positive(hours: float) -> None:
+    with pytest.raises(ValueError, match="hours must be a positive number"):
+        one_hour().stretched_to_hours(hours)
+
+
+def test_stretched_to_hours_refuses_an_empty_or_instant_trace() -> None:
+    with pytest.raises(ValueError, match="an empty trace cannot be stretched to 2 h"):
+        Trace.of([]).stretched_to_hours(2)
+    with pytest.raises(ValueError, match="a trace of one instant"):
+        Trace.of([(5.0, 1, 1)]).stretched_to_hours(1)
