@@ -1,8 +1,9 @@
 """The agent's config file: who the agent is, where the scheduler is, and which GPUs it has.
 
 Read from YAML with ``SPILLWAY_AGENT_*`` environment overrides (``__`` separates nested keys,
-e.g. ``SPILLWAY_AGENT_SCHEDULER__ADDRESS``). Secrets are never written here: the bearer token is
-read from ``scheduler.token_file``.
+e.g. ``SPILLWAY_AGENT_SCHEDULER__ADDRESS``; ``SPILLWAY_AGENT_SCHEDULER__ADDRESSES=a:1,b:2`` for
+several schedulers, which the agent all reports to). Secrets are never written here: the bearer
+token is read from ``scheduler.token_file``.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from common.configfile import load_model, resolve_path
+from common.configfile import resolve_path
 from common.schedulerlink import (
     Reconnect,
     SchedulerEndpoint,
-    check_host_port,
+    load_client_config,
 )
+from common.temporallink import TemporalLink, resolve_paths
 
 ENV_PREFIX = "SPILLWAY_AGENT_"
 AGENT_ID_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
@@ -114,13 +116,9 @@ class ReplicaEntry(Strict):
     extra_args: list[str] = Field(default_factory=list)
 
 
-class TemporalEndpoint(Strict):
-    """Where the node worker polls for actions; without it the agent only reports."""
-
-    address: str = Field(description="host:port of the Temporal frontend.")
-    namespace: str = Field(default="default", min_length=1)
-
-    _check_address = field_validator("address")(check_host_port)
+class TemporalEndpoint(TemporalLink):
+    """Where the node worker polls for actions, and how it proves who it is (TLS, mutual TLS
+    or an API key: ``common.temporallink``); without it the agent only reports."""
 
 
 def default_state_dir(agent_id: str) -> Path:
@@ -177,15 +175,11 @@ class AgentConfig(Strict):
 def load_agent_config(path: Path | str) -> AgentConfig:
     """Load and validate an agent config file; relative paths are relative to the file."""
     path = Path(path)
-    config = load_model(path, AgentConfig, env_prefix=ENV_PREFIX)
+    config = load_client_config(path, AgentConfig, env_prefix=ENV_PREFIX)
     base = path.resolve().parent
-    endpoint = config.scheduler
-    endpoint.token_file = resolve_path(base, endpoint.token_file) or endpoint.token_file
-    if endpoint.tls is not None:
-        tls = endpoint.tls
-        tls.ca_file = resolve_path(base, tls.ca_file) or tls.ca_file
-        tls.cert_file = resolve_path(base, tls.cert_file)
-        tls.key_file = resolve_path(base, tls.key_file)
+    config.scheduler.resolve_paths(base)
+    if config.temporal is not None:
+        resolve_paths(config.temporal, base)
     config.state_dir = resolve_path(base, config.state_dir)
     config.runtime.api_key_file = resolve_path(base, config.runtime.api_key_file)
     for entry in config.replicas:

@@ -7,6 +7,18 @@ random id drawn when it is made, ``spillway-instance``): the scheduler lets one 
 time hold an agent id, refuses a second one with the same id and token (ALREADY_EXISTS, retried
 like any refusal), and lets this one replace its own stream after a network blip. Protobuf
 messages are built here and nowhere else on the agent side.
+
+With several schedulers (``scheduler.addresses``, active-active) the agent reports to every one
+of them, each over its own channel and stream with its own backoff (:class:`SchedulerStream`),
+so a slow or dead scheduler never delays the reports to another. Why all of them and not a
+subset: any scheduler's control-plane worker may pick up any activity from the shared task
+queue (a plan, a wait for an agent, the sweeper's census), and each answers from its own fleet
+state, so every scheduler must see every agent within one report interval. A subset (say, each
+agent to two of N, or to whichever one it reached first) would leave some scheduler blind to
+some agents: its plan would count too few replicas and rent for replicas that are running,
+and its sweeper would call a serving machine a leak. A report is a few hundred bytes per
+interval; sending one per scheduler is cheaper than any scheme that relays them between
+schedulers, and it keeps the schedulers independent of each other.
 """
 
 from __future__ import annotations
@@ -143,37 +155,18 @@ def _replica(r: ReplicaStatus) -> pb.Replica:
     return message
 
 
-class Reporter:
-    """Keeps one registration and report stream alive for as long as :meth:`run` runs."""
+class SchedulerStream:
+    """One registration and report stream to one scheduler, kept alive while :meth:`run` runs."""
 
-    def __init__(
-        self,
-        config: AgentConfig,
-        inventory: GpuInventory,
-        token: str,
-        replicas: ReplicaSource = lambda: (),
-        *,
-        version: str,
-        hostname: str,
-        rng: random.Random | None = None,
-    ) -> None:
-        self._config = config
-        self._inventory = inventory
-        #: This process's id for the scheduler: the same for every Register and Report.
-        self.instance = uuid.uuid4().hex[:16]
-        self._metadata = auth_metadata(token, self.instance)
-        self._replicas = replicas
-        self._version = version
-        self._hostname = hostname
-        self._backoff = Backoff(
-            config.reconnect.initial_backoff_s,
-            config.reconnect.max_backoff_s,
-            rng or random.Random(),
-        )
+    def __init__(self, reporter: Reporter, address: str, backoff: Backoff) -> None:
+        self._reporter = reporter
+        self.address = address
+        self._backoff = backoff
         self.interval_s: float | None = None  # set by the scheduler
         self.scheduler_instance = ""
         self.registrations = 0
         self.reports_acked = 0
+        self.connected = False
         self.last_error: str | None = None
 
     async def run(self) -> None:
@@ -189,8 +182,9 @@ class Reporter:
             except grpc.aio.AioRpcError as exc:
                 self.last_error = f"{exc.code().name}: {exc.details()}"
             except Exception as exc:  # a bug or a local problem; keep the agent alive
-                log.exception("report session failed")
+                log.exception("report session to %s failed", self.address)
                 self.last_error = repr(exc)
+            self.connected = False
             if self.registrations > registered_before:
                 attempt = 0  # the link worked; start the backoff over
             # Once the scheduler has told us its interval, retrying once per interval costs it
@@ -199,47 +193,40 @@ class Reporter:
             attempt += 1
             log.warning(
                 "lost the scheduler at %s (%s); retrying in %.2fs",
-                self._config.scheduler.address,
+                self.address,
                 self.last_error,
                 delay,
             )
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:
-        endpoint = self._config.scheduler
-        channel = open_channel(endpoint.address, endpoint.tls)
+        reporter = self._reporter
+        config = reporter.config
+        channel = open_channel(self.address, config.scheduler.tls)
         reader: asyncio.Task[None] | None = None
         try:
             stub = pb_grpc.AgentServiceStub(channel)
-            registration = build_registration(
-                self._config,
-                self._inventory.gpus,
-                self._inventory.source,
-                self._version,
-                self._hostname,
-            )
+            registration = reporter.registration()
             response = await stub.Register(
-                registration, metadata=self._metadata, timeout=REGISTER_TIMEOUT_S
+                registration, metadata=reporter.metadata, timeout=REGISTER_TIMEOUT_S
             )
             self.interval_s = _seconds(response.report_interval) or DEFAULT_INTERVAL_S
             self.scheduler_instance = response.scheduler_instance
             self.registrations += 1
+            self.connected = True
             log.info(
                 "registered with scheduler %s at %s; reporting every %.2fs",
                 response.scheduler_instance,
-                endpoint.address,
+                self.address,
                 self.interval_s,
             )
             # No request iterator: reports are written with call.write() as they are made.
-            call = stub.Report(metadata=self._metadata)  # type: ignore[call-arg]
+            call = stub.Report(metadata=reporter.metadata)  # type: ignore[call-arg]
             reader = asyncio.create_task(self._read_acks(call))
             sequence = 0
             while True:
                 sequence += 1
-                report = build_report(
-                    self._config.agent_id, sequence, self._inventory.sample(), self._replicas()
-                )
-                await call.write(report)
+                await call.write(reporter.report(sequence))
                 done, _ = await asyncio.wait({reader}, timeout=self.interval_s)
                 if done:
                     reader.result()  # raises the stream's error, if any
@@ -256,8 +243,96 @@ class Reporter:
             self.reports_acked += 1
             interval = _seconds(ack.report_interval)
             if interval and interval != self.interval_s:
-                log.info("scheduler asks for reports every %.2fs", interval)
+                log.info("scheduler at %s asks for reports every %.2fs", self.address, interval)
                 self.interval_s = interval
+
+
+class Reporter:
+    """Keeps a registration and report stream alive to every listed scheduler for as long as
+    :meth:`run` runs (one :class:`SchedulerStream` each, see the module docstring)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        inventory: GpuInventory,
+        token: str,
+        replicas: ReplicaSource = lambda: (),
+        *,
+        version: str,
+        hostname: str,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self._inventory = inventory
+        #: This process's id for the schedulers: the same for every Register and Report.
+        self.instance = uuid.uuid4().hex[:16]
+        self.metadata = auth_metadata(token, self.instance)
+        self._replicas = replicas
+        self._version = version
+        self._hostname = hostname
+        rng = rng or random.Random()
+        r = config.reconnect
+        #: One stream per scheduler, in the order the config lists them.
+        self.streams = [
+            SchedulerStream(
+                self,
+                address,
+                Backoff(r.initial_backoff_s, r.max_backoff_s, random.Random(rng.random())),
+            )
+            for address in config.scheduler.address_list
+        ]
+
+    def registration(self) -> pb.RegisterRequest:
+        return build_registration(
+            self.config,
+            self._inventory.gpus,
+            self._inventory.source,
+            self._version,
+            self._hostname,
+        )
+
+    def report(self, sequence: int) -> pb.CapacityReport:
+        return build_report(
+            self.config.agent_id, sequence, self._inventory.sample(), self._replicas()
+        )
+
+    async def run(self) -> None:
+        """Report to every scheduler until cancelled; each stream reconnects on its own."""
+        tasks = [
+            asyncio.create_task(stream.run(), name=f"reporter {stream.address}")
+            for stream in self.streams
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- totals over the streams, for logs and tests ------------------------------------------
+
+    @property
+    def registrations(self) -> int:
+        return sum(s.registrations for s in self.streams)
+
+    @property
+    def reports_acked(self) -> int:
+        return sum(s.reports_acked for s in self.streams)
+
+    @property
+    def interval_s(self) -> float | None:
+        """The shortest interval any scheduler asked for (None: none has answered yet)."""
+        known = [s.interval_s for s in self.streams if s.interval_s is not None]
+        return min(known) if known else None
+
+    @property
+    def scheduler_instance(self) -> str:
+        """The instance of the first scheduler that answered."""
+        return next((s.scheduler_instance for s in self.streams if s.scheduler_instance), "")
+
+    @property
+    def last_error(self) -> str | None:
+        return next((s.last_error for s in self.streams if s.last_error), None)
 
 
 def _seconds(duration: duration_pb2.Duration) -> float:

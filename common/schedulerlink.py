@@ -6,19 +6,36 @@ with :class:`ClientTls` for TLS or mutual TLS), a bearer token read from a file 
 per-call metadata (which also works on a plaintext channel, where gRPC refuses call
 credentials), keepalives that notice a dead scheduler within about 15 s, and a jittered
 exponential backoff between attempts (:class:`Reconnect`).
+
+Several schedulers run active-active: the section then says ``addresses: [a:50051, b:50051]``
+instead of ``address`` (one token file and one ``tls`` section serve them all), and
+:attr:`SchedulerEndpoint.address_list` gives the list either way. :func:`load_client_config`
+reads an agent's or a gateway's file so that an environment override of one of the two keys
+takes the place of the other one written in the file.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.configfile import read_secret, read_secret_line
+from common.configfile import (
+    ConfigError,
+    apply_env_overrides,
+    describe_error,
+    read_secret,
+    read_secret_line,
+    read_yaml_mapping,
+    resolve_path,
+)
 
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
@@ -61,13 +78,107 @@ class ClientTls(_Strict):
 
 
 class SchedulerEndpoint(_Strict):
-    address: str = Field(description="host:port of the scheduler's gRPC endpoint.")
+    """Where the scheduler is: ``address`` for one, ``addresses`` for several (exactly one of
+    the two). The token file and the TLS settings serve every listed scheduler."""
+
+    address: str | None = Field(
+        default=None, description="host:port of the scheduler's gRPC endpoint."
+    )
+    addresses: list[str] | None = Field(
+        default=None,
+        description="host:port of every scheduler, when several run active-active; in an "
+        "environment variable, separated by commas.",
+    )
     token_file: Path = Field(
         description="File holding this client's bearer token (an agent's, or a gateway's)."
     )
     tls: ClientTls | None = None
 
-    _check_address = field_validator("address")(check_host_port)
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str | None) -> str | None:
+        return None if value is None else check_host_port(value)
+
+    @field_validator("addresses", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        """An environment override is one string: ``a:50051,b:50051``."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("addresses")
+    @classmethod
+    def _check_addresses(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("expected at least one host:port, e.g. [a.internal:50051]")
+        seen: set[str] = set()
+        for item in value:
+            try:
+                check_host_port(item)
+            except ValueError:
+                raise ValueError(
+                    f"{item!r}: expected host:port, e.g. scheduler.internal:50051"
+                ) from None
+            if item in seen:
+                raise ValueError(f"{item} is listed twice; list each scheduler once")
+            seen.add(item)
+        return value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SchedulerEndpoint:
+        if self.address is not None and self.addresses is not None:
+            raise ValueError("give address (one scheduler) or addresses (several), not both")
+        if self.address is None and self.addresses is None:
+            raise ValueError(
+                "address (one scheduler) or addresses (several schedulers) is required"
+            )
+        return self
+
+    @property
+    def address_list(self) -> tuple[str, ...]:
+        """Every scheduler to reach, in the order written (one, for ``address``)."""
+        if self.addresses is not None:
+            return tuple(self.addresses)
+        assert self.address is not None
+        return (self.address,)
+
+    def resolve_paths(self, base: Path) -> None:
+        """Make the token and TLS file paths absolute, relative to ``base``."""
+        self.token_file = resolve_path(base, self.token_file) or self.token_file
+        if self.tls is not None:
+            tls = self.tls
+            tls.ca_file = resolve_path(base, tls.ca_file) or tls.ca_file
+            tls.cert_file = resolve_path(base, tls.cert_file)
+            tls.key_file = resolve_path(base, tls.key_file)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+_PAIR = ("address", "addresses")
+
+
+def load_client_config(
+    path: Path, model: type[ModelT], *, env_prefix: str, environ: Mapping[str, str] | None = None
+) -> ModelT:
+    """:func:`common.configfile.load_model` for a file with a ``scheduler`` section, where an
+    environment override of ``scheduler.address`` or ``scheduler.addresses`` replaces
+    whichever of the two the file gives (an override would otherwise read as "both given")."""
+    root, data = read_yaml_mapping(path)
+    written = data.get("scheduler")
+    in_file = set(written) & set(_PAIR) if isinstance(written, dict) else set()
+    overrides = apply_env_overrides(data, env_prefix, os.environ if environ is None else environ)
+    section = data.get("scheduler")
+    overridden = {key for key in _PAIR if ("scheduler", key) in overrides}
+    if isinstance(section, dict) and len(overridden) == 1:
+        for key in in_file - overridden:
+            section.pop(key, None)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = [describe_error(path, root, err, overrides) for err in exc.errors()]
+        raise ConfigError(path, problems) from exc
 
 
 class Reconnect(_Strict):

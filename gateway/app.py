@@ -184,7 +184,7 @@ class Gateway:
             self.config.gateway_id,
             len(self.deployments.by_name),
             self.url,
-            self.config.scheduler.address,
+            ", ".join(self.config.scheduler.address_list),
         )
 
     async def stop(self) -> None:

@@ -2,10 +2,11 @@
 policy are, and how it talks to replicas.
 
 Read from YAML with ``SPILLWAY_GATEWAY_*`` environment overrides (``__`` separates nested keys,
-e.g. ``SPILLWAY_GATEWAY_SCHEDULER__ADDRESS``). Secrets are never written here: the gateway's
-bearer token is read from ``scheduler.token_file``, the replicas' API key from
-``replica_api_key_file``, managed endpoints' keys from the environment variables the policy
-names. ``examples/gateway.yaml`` documents every field.
+e.g. ``SPILLWAY_GATEWAY_SCHEDULER__ADDRESS``, or ``..._ADDRESSES=a:1,b:2`` for several
+schedulers: the gateway reports to all of them and watches the fleet of one at a time). Secrets
+are never written here: the gateway's bearer token is read from ``scheduler.token_file``, the
+replicas' API key from ``replica_api_key_file``, managed endpoints' keys from the environment
+variables the policy names. ``examples/gateway.yaml`` documents every field.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.configfile import load_model, resolve_path
-from common.schedulerlink import Reconnect, SchedulerEndpoint
+from common.configfile import resolve_path
+from common.schedulerlink import Reconnect, SchedulerEndpoint, load_client_config
 
 ENV_PREFIX = "SPILLWAY_GATEWAY_"
 ID_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
@@ -85,15 +86,9 @@ class GatewayConfig(Strict):
 def load_gateway_config(path: Path | str) -> GatewayConfig:
     """Load and validate a gateway config; relative paths are relative to the file."""
     path = Path(path)
-    config = load_model(path, GatewayConfig, env_prefix=ENV_PREFIX)
+    config = load_client_config(path, GatewayConfig, env_prefix=ENV_PREFIX)
     base = path.resolve().parent
     config.policy_file = resolve_path(base, config.policy_file) or config.policy_file
-    endpoint = config.scheduler
-    endpoint.token_file = resolve_path(base, endpoint.token_file) or endpoint.token_file
-    if endpoint.tls is not None:
-        tls = endpoint.tls
-        tls.ca_file = resolve_path(base, tls.ca_file) or tls.ca_file
-        tls.cert_file = resolve_path(base, tls.cert_file)
-        tls.key_file = resolve_path(base, tls.key_file)
+    config.scheduler.resolve_paths(base)
     config.replica_api_key_file = resolve_path(base, config.replica_api_key_file)
     return config

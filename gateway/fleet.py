@@ -10,18 +10,26 @@ scheduler knows no replica until the agents report again, so for two report inte
 new scheduler instance answers, replicas it does not list yet are kept. Protobuf messages are
 built and read here and nowhere else in the gateway.
 
+Several schedulers (``scheduler.addresses``, active-active): traffic goes to every one of them,
+each on its own channel and schedule, because any of them may run the plan that reads it; the
+fleet comes from one at a time, since every scheduler sees every agent. When the watch breaks,
+the link moves to the next scheduler in the list at once, and backs off only after a whole
+round failed; once a watch works it stays on it, and a scheduler that comes back does not win
+the watch back (no flapping). The restart grace above covers the switch too.
+
 The channel, TLS and token are :mod:`common.schedulerlink`'s, as for the agents.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -157,6 +165,12 @@ class LinkState:
     report_failures: int = 0
     last_error: str | None = None
     interval_s: float = DEFAULT_INTERVAL_S
+    #: The scheduler whose fleet is watched (or was, when not connected).
+    watching: str = ""
+    #: How often the watch moved to another scheduler.
+    failovers: int = 0
+    #: Traffic reports each scheduler accepted, by address.
+    reports_by_address: dict[str, int] = field(default_factory=dict)
 
 
 def _seconds(duration: duration_pb2.Duration) -> float:
@@ -202,7 +216,8 @@ def build_report(
 
 
 class SchedulerLink:
-    """Keeps one fleet watch (and the reports beside it) alive for as long as :meth:`run` runs."""
+    """Keeps one fleet watch alive, and traffic reports going to every scheduler, for as long
+    as :meth:`run` runs (see the module docstring)."""
 
     def __init__(
         self,
@@ -217,9 +232,12 @@ class SchedulerLink:
         self._metadata = auth_metadata(token)
         self._fleet = fleet
         self._traffic = traffic
+        self._addresses = config.scheduler.address_list
         r = config.reconnect
         self._backoff = Backoff(r.initial_backoff_s, r.max_backoff_s, rng or random.Random())
-        self.state = LinkState()
+        self.state = LinkState(watching=self._addresses[0])
+        #: Set once some scheduler has said its report interval.
+        self._told_interval = asyncio.Event()
 
     def _delay(self, attempt: int) -> float:
         """Never above the interval once the scheduler has told it (a retry per interval costs
@@ -228,11 +246,27 @@ class SchedulerLink:
         return self._backoff.delay(attempt, max(self.state.interval_s, r.initial_backoff_s))
 
     async def run(self) -> None:
-        attempt = 0
+        reports = [
+            asyncio.create_task(self._report_forever(address), name=f"traffic to {address}")
+            for address in self._addresses
+        ]
+        try:
+            await self._watch_forever()
+        finally:
+            for task in reports:
+                task.cancel()
+            await asyncio.gather(*reports, return_exceptions=True)
+
+    async def _watch_forever(self) -> None:
+        attempt = 0  # rounds of the whole list that failed
+        index = 0
+        failed_in_round = 0
         while True:
+            address = self._addresses[index]
+            self.state.watching = address
             received_before = self.state.fleets_received
             try:
-                await self._session()
+                await self._session(address)
                 self.state.last_error = "the scheduler closed the fleet watch"
             except asyncio.CancelledError:
                 raise
@@ -246,22 +280,37 @@ class SchedulerLink:
             self.state.connected = False
             if self.state.fleets_received > received_before:
                 attempt = 0
+                failed_in_round = 0
+            failed_in_round += 1
+            if len(self._addresses) > 1:
+                index = (index + 1) % len(self._addresses)
+                self.state.failovers += 1
+                if failed_in_round < len(self._addresses):
+                    # Another scheduler has the whole fleet too: try it at once.
+                    log.warning(
+                        "lost the fleet watch at %s (%s); routing with the last fleet (%d "
+                        "replicas), watching %s instead",
+                        address,
+                        self.state.last_error,
+                        len(self._fleet.replicas),
+                        self._addresses[index],
+                    )
+                    continue
+                failed_in_round = 0
             delay = self._delay(attempt)
             attempt += 1
             log.warning(
                 "lost the scheduler at %s (%s); routing with the last fleet (%d replicas), "
                 "retrying in %.2fs",
-                self._config.scheduler.address,
+                ", ".join(self._addresses),
                 self.state.last_error,
                 len(self._fleet.replicas),
                 delay,
             )
             await asyncio.sleep(delay)
 
-    async def _session(self) -> None:
-        endpoint = self._config.scheduler
-        channel = open_channel(endpoint.address, endpoint.tls)
-        reporter: asyncio.Task[None] | None = None
+    async def _session(self, address: str) -> None:
+        channel = open_channel(address, self._config.scheduler.tls)
         try:
             stub = pb_grpc.GatewayServiceStub(channel)
             self.state.sessions += 1
@@ -276,23 +325,20 @@ class SchedulerLink:
                         message = await iterator.__anext__()
                 except StopAsyncIteration:
                     return
-                self._apply(message)
-                if reporter is None:  # reports start once the scheduler gave its interval
-                    reporter = asyncio.create_task(self._report_forever(stub))
+                self._apply(message, address)
         finally:
-            if reporter is not None:
-                reporter.cancel()
             await channel.close(grace=None)
 
-    def _apply(self, message: pb.RoutableFleet) -> None:
+    def _apply(self, message: pb.RoutableFleet, address: str) -> None:
         interval = _seconds(message.report_interval)
         if interval > 0:
             self.state.interval_s = interval
+            self._told_interval.set()
         if not self.state.connected:
             log.info(
                 "watching the fleet of scheduler %s at %s (%d replicas)",
                 message.scheduler_instance or "?",
-                self._config.scheduler.address,
+                address,
                 len(message.replicas),
             )
         self.state.connected = True
@@ -300,20 +346,43 @@ class SchedulerLink:
         replicas = [replica_from_pb(r) for r in message.replicas]
         self._fleet.apply(replicas, message.scheduler_instance, self.state.interval_s)
 
-    async def _report_forever(self, stub: pb_grpc.GatewayServiceAsyncStub) -> None:
-        while True:
-            await asyncio.sleep(self.state.interval_s)
-            report = build_report(self._config.gateway_id, self._traffic())
-            try:
-                ack = await stub.ReportTraffic(
-                    report, metadata=self._metadata, timeout=REPORT_TIMEOUT_S
-                )
-            except grpc.aio.AioRpcError as exc:
-                # The watch notices a dead scheduler; a refused report alone is only logged.
-                self.state.report_failures += 1
-                log.warning("traffic report refused: %s: %s", exc.code().name, exc.details())
-                continue
-            self.state.reports_sent += 1
-            interval = _seconds(ack.report_interval)
-            if interval > 0:
-                self.state.interval_s = interval
+    async def _report_forever(self, address: str) -> None:
+        """Traffic to one scheduler, once per interval, on a channel of its own: a slow or dead
+        scheduler delays only its own reports."""
+        channel = open_channel(address, self._config.scheduler.tls)
+        failing = False
+        try:
+            stub = pb_grpc.GatewayServiceStub(channel)
+            # Reports start once a scheduler gave its interval (or after the default one).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._told_interval.wait(), self.state.interval_s)
+            while True:
+                await asyncio.sleep(self.state.interval_s)
+                report = build_report(self._config.gateway_id, self._traffic())
+                try:
+                    ack = await stub.ReportTraffic(
+                        report, metadata=self._metadata, timeout=REPORT_TIMEOUT_S
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    # The watch notices a dead scheduler; a refused report alone is only logged
+                    # (once per run of failures).
+                    self.state.report_failures += 1
+                    if not failing:
+                        log.warning(
+                            "traffic report to %s refused: %s: %s",
+                            address,
+                            exc.code().name,
+                            exc.details(),
+                        )
+                    failing = True
+                    continue
+                failing = False
+                self.state.reports_sent += 1
+                by_address = self.state.reports_by_address
+                by_address[address] = by_address.get(address, 0) + 1
+                interval = _seconds(ack.report_interval)
+                if interval > 0:
+                    self.state.interval_s = interval
+                    self._told_interval.set()
+        finally:
+            await channel.close(grace=None)
