@@ -14,12 +14,18 @@ import hashlib
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from providers.catalog import Catalog, Offer, OfferRequest, default_catalog
-from providers.errors import CapacityError, InvalidRequestError, ResidencyError
+from providers.errors import (
+    CannotStopError,
+    CapacityError,
+    InvalidRequestError,
+    ResidencyError,
+    TransientError,
+)
 
 #: Label/tag marking a machine as Spillway's (``list_managed`` finds leaks by it).
 MANAGED_LABEL = "spillway-managed"
@@ -27,6 +33,14 @@ MANAGED_LABEL = "spillway-managed"
 KEY_LABEL = "spillway-key"
 #: Agent label naming the instance type of the rented machine it runs on.
 INSTANCE_TYPE_LABEL = "instance_type"
+#: Label/tag naming the deployment a machine was rented for.
+DEPLOYMENT_LABEL = "spillway-deployment"
+#: Label/tag on a stopped machine kept in its deployment's warm pool: when it was released
+#: (whole seconds since the epoch). The machine itself is the record of the pool.
+WARM_LABEL = "spillway-warm"
+#: Label/tag naming the provision workflow that took the machine out of the warm pool.
+CLAIM_LABEL = "spillway-claim"
+_LABEL_SAFE = re.compile(r"[^a-z0-9_-]")
 
 InstanceState = Literal["pending", "running", "stopping", "stopped", "terminated", "failed"]
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -86,6 +100,18 @@ class Instance:
     spot: bool = False
     labels: Mapping[str, str] = field(default_factory=dict)
     private_ip: str = ""
+    #: Why this machine cannot be stopped and started again; empty when it can.
+    cannot_stop: str = ""
+
+    def label(self, name: str) -> str:
+        """The value of label ``name`` ("" when unset)."""
+        return str(self.labels.get(name, ""))
+
+
+def label_safe(value: str) -> str:
+    """``value`` as the most restricted cloud (GCP) keeps it in a label: lower case letters,
+    digits, '_' and '-', 63 characters. Compare label values through this on every cloud."""
+    return _LABEL_SAFE.sub("-", value.lower())[:63]
 
 
 class Provider(abc.ABC):
@@ -107,7 +133,21 @@ class Provider(abc.ABC):
     * :meth:`describe` returns the live machine for a key, or None when there is none.
     * :meth:`terminate` is idempotent and silent when the machine is already gone.
     * :meth:`list_managed` returns every live machine carrying Spillway's ownership label,
-      whatever created it, so that leaks can be found.
+      whatever created it, so that leaks can be found. Stopped machines are live: they keep
+      their disks (and cost for them) until terminated.
+    * :meth:`stop` stops the machine with its disks kept, so that :meth:`start` brings it back
+      with what it wrote (downloaded weights) in place; compute billing ends while it is
+      stopped. It returns once the cloud reports it stopped. Idempotent: stopping a stopped
+      machine is not an error, and a machine that is still starting is waited for first. A
+      machine that cannot be stopped (``Instance.cannot_stop`` says why) raises
+      :class:`~providers.errors.CannotStopError` before any change; a provider that cannot
+      stop any machine says so in every instance it returns.
+    * :meth:`start` starts a stopped machine again and returns it (``pending`` or
+      ``running``); a running machine is returned as it is, one still stopping is waited for.
+      The cloud may have no capacity to start it: that is a
+      :class:`~providers.errors.CapacityError`, and the machine stays stopped.
+    * :meth:`set_labels` merges labels into the machine's own (a value of None removes the
+      label); the ownership and key labels cannot be changed this way.
     """
 
     cloud: str
@@ -147,6 +187,32 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def list_managed(self) -> list[Instance]:
         """Every live machine carrying the ownership label."""
+
+    def stop(self, key: str) -> Instance | None:
+        """Stop the machine for ``key`` with its disks kept; None when there is none."""
+        instance = self.describe(key)
+        if instance is None:
+            return None
+        raise CannotStopError(
+            instance.cannot_stop or f"{self.cloud}: machines cannot be stopped and started again",
+            cloud=self.cloud,
+        )
+
+    def start(self, key: str) -> Instance | None:
+        """Start the stopped machine for ``key`` again; None when there is none."""
+        instance = self.describe(key)
+        if instance is None or instance.state in ("pending", "running"):
+            return instance
+        raise CannotStopError(
+            f"{self.cloud}: machines cannot be stopped and started again", cloud=self.cloud
+        )
+
+    def set_labels(self, key: str, labels: Mapping[str, str | None]) -> None:
+        """Merge ``labels`` into the labels of the machine for ``key`` (None removes one)."""
+        raise CannotStopError(
+            f"{self.cloud}: machines cannot be relabelled, so no warm pool is kept",
+            cloud=self.cloud,
+        )
 
     # -- shared steps --------------------------------------------------------------------------
 
@@ -228,6 +294,40 @@ class Provider(abc.ABC):
             + "; ".join(failures),
             cloud=self.cloud,
             code="AllZonesFailed",
+        )
+
+
+def wait_for_state(
+    describe: Callable[[], Instance | None],
+    wanted: Container[str],
+    *,
+    timeout_s: float,
+    poll_s: float,
+    what: str,
+) -> Instance | None:
+    """Describe until the machine is in one of ``wanted`` (or gone: None).
+
+    Raises TransientError (retried by the caller's retry policy) after ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        instance = describe()
+        if instance is None or instance.state in wanted:
+            return instance
+        if time.monotonic() > deadline:
+            raise TransientError(
+                f"{what}: still {instance.state} after {timeout_s:.0f}s", cloud=instance.cloud
+            )
+        time.sleep(poll_s)
+
+
+def check_labels(cloud: str, labels: Mapping[str, str | None]) -> None:
+    """Refuse a label change that would touch the ownership or key label."""
+    fixed = sorted({MANAGED_LABEL, KEY_LABEL} & set(labels))
+    if fixed:
+        raise InvalidRequestError(
+            f"{cloud}: label {', '.join(fixed)} is set at launch and cannot be changed",
+            cloud=cloud,
         )
 
 

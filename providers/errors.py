@@ -72,6 +72,11 @@ class NotFoundError(ProviderError):
     """The resource does not exist (only raised where absence is an error)."""
 
 
+class CannotStopError(ProviderError):
+    """This machine cannot be stopped and started again (a one-time spot machine, a root
+    volume that does not survive a stop); it can only be terminated."""
+
+
 @dataclass(frozen=True)
 class Rule:
     """One row of the mapping table: ``code`` (exact) and, optionally, a message fragment."""
@@ -107,6 +112,8 @@ RULES: tuple[Rule, ...] = (
     Rule("aws", "InvalidSubnetID.NotFound", InvalidRequestError),
     Rule("aws", "InvalidGroup.NotFound", InvalidRequestError),
     Rule("aws", "IdempotentParameterMismatch", InvalidRequestError),
+    Rule("aws", "UnsupportedOperation", CannotStopError, "stop"),
+    Rule("aws", "IncorrectInstanceState", TransientError),
     Rule("aws", "RequestLimitExceeded", TransientError),
     Rule("aws", "Throttling", TransientError),
     Rule("aws", "InternalError", TransientError),
@@ -140,6 +147,7 @@ RULES: tuple[Rule, ...] = (
     Rule("azure", "SkuNotAvailable", CapacityError),
     Rule("azure", "QuotaExceeded", QuotaError),
     Rule("azure", "OperationNotAllowed", QuotaError, "quota"),
+    Rule("azure", "OperationNotAllowed", CannotStopError, "deallocat"),
     Rule("azure", "OperationNotAllowed", InvalidRequestError),
     Rule("azure", "AuthenticationFailed", AuthError),
     Rule("azure", "AuthorizationFailed", AuthError),

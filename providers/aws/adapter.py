@@ -12,7 +12,7 @@ region-lock guard has passed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from providers.aws.build import (
@@ -20,11 +20,25 @@ from providers.aws.build import (
     key_filter,
     managed_filter,
     run_instances_params,
+    tag_changes,
     to_instance,
 )
-from providers.base import CapacityMemory, Instance, LaunchRequest, Provider
+from providers.base import (
+    CapacityMemory,
+    Instance,
+    LaunchRequest,
+    Provider,
+    check_labels,
+    wait_for_state,
+)
 from providers.catalog import Catalog
-from providers.errors import AuthError, ProviderError, TransientError, make_error
+from providers.errors import (
+    AuthError,
+    CannotStopError,
+    ProviderError,
+    TransientError,
+    make_error,
+)
 
 if TYPE_CHECKING:
     import boto3
@@ -80,6 +94,8 @@ class AwsProvider(Provider):
         network: AwsNetwork | None = None,
         session: boto3.Session | None = None,
         endpoint_url: str | None = None,
+        poll_interval_s: float = 5.0,
+        state_timeout_s: float = 900.0,
     ) -> None:
         super().__init__(catalog, memory)
         import boto3
@@ -90,6 +106,8 @@ class AwsProvider(Provider):
         self._endpoint_url = endpoint_url
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._poll_interval_s = poll_interval_s
+        self._state_timeout_s = state_timeout_s
 
     def _ec2(self, region: str) -> Any:
         with self._lock:
@@ -166,3 +184,71 @@ class AwsProvider(Provider):
         for region in self.regions:
             found.extend(self._find(region, managed_filter()))
         return found
+
+    def _settle(self, key: str, wanted: tuple[str, ...], what: str) -> Instance | None:
+        return wait_for_state(
+            lambda: self.describe(key),
+            wanted,
+            timeout_s=self._state_timeout_s,
+            poll_s=self._poll_interval_s,
+            what=f"aws: {what} {key}",
+        )
+
+    def stop(self, key: str) -> Instance | None:
+        instance = self.describe(key)
+        if instance is None:
+            return None
+        if instance.cannot_stop:
+            raise CannotStopError(
+                f"aws: {instance.instance_id} cannot be stopped: {instance.cannot_stop}",
+                cloud="aws",
+            )
+        if instance.state == "pending":
+            instance = self._settle(key, ("running", "stopped", "terminated"), "waiting to stop")
+        if instance is None or instance.state in ("stopped", "terminated"):
+            return instance
+        if instance.state == "running":
+            client = self._ec2(instance.region)
+            ids = [instance.instance_id]
+            self._call(
+                f"stop_instances {instance.instance_id}",
+                lambda: client.stop_instances(InstanceIds=ids),
+            )
+        return self._settle(key, ("stopped", "terminated"), "stopping")
+
+    def start(self, key: str) -> Instance | None:
+        instance = self.describe(key)
+        if instance is None or instance.state in ("pending", "running"):
+            return instance
+        if instance.state == "stopping":
+            instance = self._settle(key, ("stopped", "terminated"), "waiting to start")
+            if instance is None:
+                return None
+        if instance.state != "stopped":
+            return instance
+        client = self._ec2(instance.region)
+        ids = [instance.instance_id]
+        self._call(
+            f"start_instances {instance.instance_id}",
+            lambda: client.start_instances(InstanceIds=ids),
+        )
+        return self.describe(key)
+
+    def set_labels(self, key: str, labels: Mapping[str, str | None]) -> None:
+        check_labels("aws", labels)
+        instance = self.describe(key)
+        if instance is None:
+            return
+        client = self._ec2(instance.region)
+        create, delete = tag_changes(labels)
+        ids = [instance.instance_id]
+        if create:
+            self._call(
+                f"create_tags on {instance.instance_id}",
+                lambda: client.create_tags(Resources=ids, Tags=create),
+            )
+        if delete:
+            self._call(
+                f"delete_tags on {instance.instance_id}",
+                lambda: client.delete_tags(Resources=ids, Tags=delete),
+            )

@@ -119,6 +119,24 @@ def managed_filter() -> list[dict[str, Any]]:
     ]
 
 
+def cannot_stop(raw: Mapping[str, Any]) -> str:
+    """Why EC2 will not stop this instance ("" when it will)."""
+    if raw.get("InstanceLifecycle") == "spot":
+        return "a one-time spot instance cannot be stopped, only terminated"
+    if raw.get("RootDeviceType") == "instance-store":
+        return "its root device is an instance store, which does not survive a stop"
+    return ""
+
+
+def tag_changes(
+    labels: Mapping[str, str | None],
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(tags to create, tags to delete) for ``create_tags``/``delete_tags``."""
+    create = [{"Key": k, "Value": v} for k, v in labels.items() if v is not None]
+    delete = [{"Key": k} for k, v in labels.items() if v is None]
+    return create, delete
+
+
 def to_instance(raw: Mapping[str, Any], region: str) -> Instance:
     """An :class:`Instance` from one element of EC2's ``Instances`` list."""
     labels = {t["Key"]: t["Value"] for t in raw.get("Tags", [])}
@@ -133,4 +151,5 @@ def to_instance(raw: Mapping[str, Any], region: str) -> Instance:
         spot=raw.get("InstanceLifecycle") == "spot",
         labels=labels,
         private_ip=raw.get("PrivateIpAddress", ""),
+        cannot_stop=cannot_stop(raw),
     )

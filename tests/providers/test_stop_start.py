@@ -1,0 +1,111 @@
+"""Stopping and starting machines (the warm pool's provider side) on every cloud adapter.
+
+EC2 runs on moto (in-process and as an HTTP server), Compute Engine and Azure on the project's
+fakes of their REST APIs driven by the real client libraries. For each: a stopped machine is
+described as stopped and still listed, stop and start are idempotent, labels are merged and
+removed, and a machine that cannot stop says why and is left as it was.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from providers.aws import AwsProvider
+from providers.base import CLAIM_LABEL, WARM_LABEL, CapacityMemory
+from providers.errors import CannotStopError, CapacityError, InvalidRequestError
+from tests.providers.conftest import Ec2
+from tests.providers.test_aws import REGION as AWS_REGION
+from tests.providers.test_aws import request as aws_request
+
+
+def aws_provider(ec2: Ec2, memory: CapacityMemory) -> AwsProvider:
+    return AwsProvider(
+        session=ec2.session,
+        endpoint_url=ec2.endpoint_url,
+        memory=memory,
+        regions=(AWS_REGION,),
+        poll_interval_s=0.05,
+    )
+
+
+def ec2_state(ec2: Ec2, instance_id: str) -> str:
+    raw = ec2.client(AWS_REGION).describe_instances(InstanceIds=[instance_id])
+    return str(raw["Reservations"][0]["Instances"][0]["State"]["Name"])
+
+
+def test_aws_stop_and_start_are_idempotent_and_keep_the_machine(
+    ec2: Ec2, memory: CapacityMemory
+) -> None:
+    aws = aws_provider(ec2, memory)
+    launched = aws.launch(aws_request("warm-1"))
+    assert launched.cannot_stop == ""
+
+    stopped = aws.stop("warm-1")
+    assert stopped is not None and stopped.state == "stopped"
+    assert stopped.instance_id == launched.instance_id
+    assert ec2_state(ec2, launched.instance_id) == "stopped"
+    described = aws.describe("warm-1")
+    assert described is not None and described.state == "stopped"
+    assert [i.instance_id for i in aws.list_managed()] == [launched.instance_id]
+    stops = len([c for c, _ in ec2.calls if c == "StopInstances"])
+    again = aws.stop("warm-1")  # stopping a stopped machine is not an error, and no call
+    assert again is not None and again.state == "stopped"
+    assert len([c for c, _ in ec2.calls if c == "StopInstances"]) == stops == 1
+
+    started = aws.start("warm-1")
+    assert started is not None and started.instance_id == launched.instance_id
+    assert started.state in ("pending", "running")
+    assert ec2_state(ec2, launched.instance_id) in ("pending", "running")
+    aws.start("warm-1")
+    assert len([c for c, _ in ec2.calls if c == "StartInstances"]) == 1
+    # The same machine again: relaunching the key returns it rather than a second one.
+    assert aws.launch(aws_request("warm-1")).instance_id == launched.instance_id
+    assert aws.stop("nothing-here") is None and aws.start("nothing-here") is None
+
+
+def test_aws_labels_are_merged_and_removed(ec2: Ec2, memory: CapacityMemory) -> None:
+    aws = aws_provider(ec2, memory)
+    aws.launch(aws_request("warm-2"))
+    aws.set_labels("warm-2", {WARM_LABEL: "1764583200", CLAIM_LABEL: "provision-x"})
+    found = aws.describe("warm-2")
+    assert found is not None
+    assert found.label(WARM_LABEL) == "1764583200" and found.label(CLAIM_LABEL) == "provision-x"
+    assert found.label("deployment") == "llama-70b"  # the launch's own labels stay
+    aws.set_labels("warm-2", {WARM_LABEL: None})
+    found = aws.describe("warm-2")
+    assert found is not None and WARM_LABEL not in found.labels
+    assert found.label(CLAIM_LABEL) == "provision-x"
+    with pytest.raises(InvalidRequestError, match="spillway-key"):
+        aws.set_labels("warm-2", {"spillway-key": "other"})
+
+
+def test_aws_spot_machine_cannot_stop_and_keeps_running(ec2: Ec2, memory: CapacityMemory) -> None:
+    aws = aws_provider(ec2, memory)
+    launched = aws.launch(aws_request("warm-spot", spot=True))
+    assert launched.spot and "spot" in launched.cannot_stop
+    with pytest.raises(CannotStopError, match="one-time spot"):
+        aws.stop("warm-spot")
+    assert ec2_state(ec2, launched.instance_id) == "running"
+    assert not [c for c, _ in ec2.calls if c == "StopInstances"]
+
+
+def test_aws_start_without_capacity_is_a_capacity_error_and_stays_stopped(
+    ec2: Ec2, memory: CapacityMemory
+) -> None:
+    def hook(**_: object) -> tuple[object, dict[str, object]]:
+        from botocore.awsrequest import AWSResponse
+
+        body = {
+            "Error": {"Code": "InsufficientInstanceCapacity", "Message": "no p5 capacity"},
+            "ResponseMetadata": {"HTTPStatusCode": 500},
+        }
+        return AWSResponse("https://ec2.invalid", 500, {}, None), body
+
+    # Registered before the adapter makes its client: clients copy the session's hooks.
+    ec2.session.events.register("before-call.ec2.StartInstances", hook)
+    aws = aws_provider(ec2, memory)
+    launched = aws.launch(aws_request("warm-3"))
+    aws.stop("warm-3")
+    with pytest.raises(CapacityError):
+        aws.start("warm-3")
+    assert ec2_state(ec2, launched.instance_id) == "stopped"
