@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from common.configfile import load_model, resolve_path
+from common.temporallink import TemporalLink, resolve_paths
 
 ENV_PREFIX = "SPILLWAY_SCHEDULER_"
 _LISTEN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]*):(\d{1,5})$")
@@ -50,16 +51,14 @@ class ServerTls(Strict):
     client_ca_file: Path | None = None
 
 
-class TemporalSettings(Strict):
-    """The Temporal service whose workflows act on the fleet (the dev server locally)."""
+class TemporalSettings(TemporalLink):
+    """The Temporal service whose workflows act on the fleet (the dev server locally): the
+    shared connection settings (address, namespace, identity, TLS, API key) and the control
+    plane's task queue."""
 
-    address: str = Field(description="host:port of the Temporal frontend.")
-    namespace: str = Field(default="default", min_length=1)
     task_queue: str = Field(
         default="spillway-control", min_length=1, description="The control plane's task queue."
     )
-
-    _check_address = field_validator("address")(check_listen)
 
 
 class SpillSettings(Strict):
@@ -208,6 +207,8 @@ def load_scheduler_config(path: Path | str) -> SchedulerConfig:
         tls.key_file = resolve_path(base, tls.key_file) or tls.key_file
         tls.client_ca_file = resolve_path(base, tls.client_ca_file)
     config.policy_file = resolve_path(base, config.policy_file)
+    if config.temporal is not None:
+        resolve_paths(config.temporal, base)
     if config.stand_in is not None:
         config.stand_in.state_dir = (
             resolve_path(base, config.stand_in.state_dir) or config.stand_in.state_dir

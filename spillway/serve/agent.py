@@ -1,9 +1,12 @@
 """``spillway agent run``: load the config, find the GPUs, supervise replicas, report, and carry
 out node-local actions until told to stop.
 
-The node worker runs only when the config has a ``temporal`` section. On exit the replicas keep
-running (``runtime.on_exit: keep``, the default) for the next agent process to adopt, or are
-stopped (``stop``).
+The node worker runs only when the config has a ``temporal`` section; the files that section
+names (CA, client certificate and key, API key) are read before anything starts, and one that
+cannot be read stops the agent with one line naming the setting. A frontend that refuses the
+node worker later is logged once and the agent goes on serving (see ``agent.worker``). On exit
+the replicas keep running (``runtime.on_exit: keep``, the default) for the next agent process
+to adopt, or are stopped (``stop``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from agent.supervisor import ReplicaError, ReplicaSpec, Supervisor, SupervisorSe
 from common import __version__
 from common.configfile import CredentialError, InputError, read_secret_line
 from common.schedulerlink import read_token
+from common.temporallink import connect_options
 
 log = logging.getLogger("agent")
 
@@ -100,6 +104,8 @@ async def run_agent(config_path: Path, extra_activities: ExtraActivities | None 
     config = load_agent_config(config_path)
     try:
         token = read_token(config.scheduler.token_file)
+        if config.temporal is not None:
+            connect_options(config.temporal)  # a bad file is a start-up error, not a retry
     except CredentialError as exc:
         raise StartupError(str(exc)) from exc
     try:
@@ -133,8 +139,7 @@ async def run_agent(config_path: Path, extra_activities: ExtraActivities | None 
         if extra_activities is not None:
             activities += list(extra_activities(supervisor))
         worker = NodeWorker(
-            config.temporal.address,
-            config.temporal.namespace,
+            config.temporal,
             config.task_queue,
             activities,
             identity=f"{config.agent_id}@{socket.gethostname()}",

@@ -27,6 +27,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.worker import Interceptor, Worker
 
 from common.configfile import InputError
+from common.temporallink import connect_temporal
 from decisions.policy import Policy
 from providers.base import SHARED_MEMORY, Provider
 from providers.catalog import Catalog
@@ -277,7 +278,8 @@ async def start_control_plane(
         on_launch=on_launch,
         images=images(config),
     )
-    client = await Client.connect(config.temporal.address, namespace=config.temporal.namespace)
+    # A refusal (TLS, API key) or a bad credential file is an InputError: one line, exit 2.
+    client = await connect_temporal(config.temporal, what="the control plane")
     host = ControlHost(
         client,
         plane,

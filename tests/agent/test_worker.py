@@ -26,6 +26,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from agent.processes import start_time
 from agent.supervisor import Supervisor
 from agent.worker import NodeWorker
+from common.temporallink import TemporalLink
 from decisions.fleetview import ReplicaState
 from scheduler import fleet
 from spillway.serve.agent import node_activities
@@ -102,7 +103,7 @@ async def node(temporal_address: str, tmp_path: Path) -> AsyncIterator[tuple[str
     """An in-process supervisor and node worker; yields the worker's task queue."""
     supervisor = Supervisor(settings(tmp_path / "state"), GPUS)
     queue = f"agent-node-{uuid.uuid4().hex[:8]}"
-    worker = NodeWorker(temporal_address, "default", queue, node_activities(supervisor))
+    worker = NodeWorker(TemporalLink(address=temporal_address), queue, node_activities(supervisor))
     task = asyncio.create_task(worker.run())
     await asyncio.wait_for(worker.running.wait(), WITHIN_S)
     yield queue, supervisor
