@@ -66,10 +66,14 @@ class TemplateError(ProviderError):
 
 @dataclass(frozen=True)
 class TokenSource:
-    """Where the agent's bearer token lives; the machine fetches it at boot."""
+    """Where a secret (the agent's bearer token, a Temporal key) lives; fetched at boot."""
 
     kind: TokenKind
     ref: str
+
+
+#: The same reference, for the Temporal client's certificate, key and API key.
+SecretSource = TokenSource
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,12 @@ class BootstrapSpec:
     extra_labels: Mapping[str, str] = field(default_factory=dict)
     temporal_address: str = ""
     temporal_namespace: str = "default"
+    temporal_server_name: str = ""
+    temporal_ca_pem: str = ""
+    temporal_tls: bool = False
+    temporal_client_cert_source: SecretSource | None = None
+    temporal_client_key_source: SecretSource | None = None
+    temporal_api_key_source: SecretSource | None = None
     scheduler_ca_pem: str = ""
     scheduler_server_name: str = ""
     identity_client_id: str = ""
@@ -109,6 +119,7 @@ class BootstrapSpec:
     wheel_url: str = ""
     package_index_url: str = ""
     package_version: str = ""
+    install_sglang: bool = False
     system_packages: tuple[str, ...] = ("python3-venv",)
 
 
@@ -139,13 +150,8 @@ def check(spec: BootstrapSpec) -> None:
         problems.append("temporal_address must be empty or host:port, e.g. temporal.internal:7233")
     if not spec.temporal_namespace:
         problems.append("temporal_namespace must not be empty")
-    token = spec.token_source
-    if token.kind not in _TOKEN_KINDS:
-        problems.append(f"token_source.kind {token.kind!r}: one of {', '.join(_TOKEN_KINDS)}")
-    if not token.ref.strip():
-        problems.append("set token_source.ref to where the agent token lives")
-    elif token.kind == "file" and not token.ref.startswith("/"):
-        problems.append("with token_source.kind file, token_source.ref must be an absolute path")
+    problems += _source_problems("token_source", spec.token_source, "the agent token")
+    problems += _temporal_problems(spec)
     if spec.gpu_discovery not in ("auto", "nvml", "static"):
         problems.append("gpu_discovery must be auto, nvml or static")
     if spec.gpu_discovery == "static" and not spec.static_gpus:
@@ -168,6 +174,43 @@ def check(spec: BootstrapSpec) -> None:
         problems.append("set either wheel_url or package_version, not both")
     if problems:
         raise InvalidRequestError("; ".join(problems), cloud=spec.cloud)
+
+
+def _source_problems(name: str, source: TokenSource | None, what: str = "the secret") -> list[str]:
+    if source is None:
+        return []
+    problems: list[str] = []
+    if source.kind not in _TOKEN_KINDS:
+        problems.append(f"{name}.kind {source.kind!r}: one of {', '.join(_TOKEN_KINDS)}")
+    if not source.ref.strip():
+        problems.append(f"set {name}.ref to where {what} lives")
+    elif source.kind == "file" and not source.ref.startswith("/"):
+        problems.append(f"with {name}.kind file, {name}.ref must be an absolute path")
+    return problems
+
+
+def _temporal_problems(spec: BootstrapSpec) -> list[str]:
+    cert, key = spec.temporal_client_cert_source, spec.temporal_client_key_source
+    problems = _source_problems("temporal_client_cert_source", cert)
+    problems += _source_problems("temporal_client_key_source", key)
+    problems += _source_problems("temporal_api_key_source", spec.temporal_api_key_source)
+    if not re.fullmatch(r"[A-Za-z0-9.-]{0,253}", spec.temporal_server_name):
+        problems.append("temporal_server_name must be empty or a DNS name")
+    if spec.temporal_ca_pem and "-----BEGIN CERTIFICATE-----" not in spec.temporal_ca_pem:
+        problems.append("temporal_ca_pem must be empty or a PEM certificate")
+    if (cert is None) != (key is None):
+        problems.append(
+            "set temporal_client_cert_source and temporal_client_key_source together"
+            " (mutual TLS needs both)"
+        )
+    extras = (spec.temporal_server_name, spec.temporal_ca_pem, spec.temporal_tls, cert, key)
+    if not spec.temporal_address and (any(extras) or spec.temporal_api_key_source):
+        problems.append("the temporal_* connection settings need temporal_address")
+    return problems
+
+
+def _source_json(source: TokenSource | None) -> dict[str, str] | None:
+    return None if source is None else {"kind": source.kind, "ref": source.ref}
 
 
 def agent_config(spec: BootstrapSpec) -> dict[str, object]:
@@ -207,7 +250,7 @@ def agent_config(spec: BootstrapSpec) -> dict[str, object]:
 
 
 def bootstrap_settings(spec: BootstrapSpec) -> dict[str, object]:
-    """What ``spillway-boot`` reads on the machine: a reference to the token, never the token."""
+    """What ``spillway-boot`` reads on the machine: references to the secrets, never a secret."""
     return {
         "append_instance_id": spec.append_instance_id,
         "identity_client_id": spec.identity_client_id,
@@ -216,8 +259,15 @@ def bootstrap_settings(spec: BootstrapSpec) -> dict[str, object]:
             "index_url": spec.package_index_url,
             "version": spec.package_version,
         },
+        "install_sglang": spec.install_sglang,
         "scheduler_ca_pem": spec.scheduler_ca_pem,
-        "token_source": {"kind": spec.token_source.kind, "ref": spec.token_source.ref},
+        "temporal_api_key_source": _source_json(spec.temporal_api_key_source),
+        "temporal_ca_pem": spec.temporal_ca_pem,
+        "temporal_client_cert_source": _source_json(spec.temporal_client_cert_source),
+        "temporal_client_key_source": _source_json(spec.temporal_client_key_source),
+        "temporal_server_name": spec.temporal_server_name,
+        "temporal_tls": spec.temporal_tls,
+        "token_source": _source_json(spec.token_source),
     }
 
 

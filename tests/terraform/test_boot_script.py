@@ -6,6 +6,7 @@ import base64
 import datetime
 import getpass
 import json
+import re
 import stat
 import subprocess
 import sys
@@ -219,7 +220,8 @@ def test_install_does_nothing_once_the_agent_is_installed(tmp_path: Path) -> Non
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "spillway").write_text("#!/bin/sh\n")
-    settings = tmp_path / "missing-settings.json"  # never read when installed
+    settings = tmp_path / "bootstrap.json"
+    settings.write_text(json.dumps({"install_sglang": False, "package": {}}))
     load_boot().install(settings, venv)
     assert sorted(p.name for p in (venv / "bin").iterdir()) == ["spillway"]
 
@@ -345,3 +347,228 @@ def test_malformed_secret_references_are_refused_before_any_request(kind: str, r
     with pytest.raises(boot.BootError, match=r"token_source\.ref"):
         boot.read_token({"token_source": {"kind": kind, "ref": ref}})
     assert fake.requests == []
+
+
+# --- the Temporal connection --------------------------------------------------------------------
+
+TEMPORAL_CA = "-----BEGIN CERTIFICATE-----\nVGVtcG9yYWwgQ0E=\n-----END CERTIFICATE-----\n"
+CLIENT_CERT = "-----BEGIN CERTIFICATE-----\nY2xpZW50LWNlcnQtYm9keQ==\n-----END CERTIFICATE-----"
+CLIENT_KEY = "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1tYXRlcmlhbA==\n-----END PRIVATE KEY-----"
+API_KEY = "tmprl-api-key-0123456789"
+
+
+def temporal_machine(tmp_path: Path, **changes: Any) -> tuple[dict[str, Path], str, list[str]]:
+    """A machine whose node worker reaches Temporal with mTLS and an API key, all by file."""
+    secrets = tmp_path / "temporal"
+    secrets.mkdir()
+    for name, value in (("client.pem", CLIENT_CERT), ("client.key", CLIENT_KEY)):
+        (secrets / name).write_text(value + "\n")
+    (secrets / "api-key").write_text(API_KEY + "\n")
+    fields: dict[str, Any] = {
+        "temporal_address": "temporal.internal:7233",
+        "temporal_namespace": "spillway-prod",
+        "temporal_server_name": "frontend.temporal.internal",
+        "temporal_ca_pem": TEMPORAL_CA,
+        "temporal_client_cert_source": TokenSource("file", str(secrets / "client.pem")),
+        "temporal_client_key_source": TokenSource("file", str(secrets / "client.key")),
+        "temporal_api_key_source": TokenSource("file", str(secrets / "api-key")),
+    }
+    fields.update(changes)
+    _, paths, token = boot_machine(tmp_path, **fields)
+    user_data = render_user_data(
+        BootstrapSpec(
+            **{
+                "agent_id": "gpu-node-1",
+                "cloud": "onprem",
+                "pool": "reserved-eu",
+                "region": "eu-frankfurt",
+                "allowed_regions": ("eu-frankfurt",),
+                "scheduler_address": "scheduler.internal:50051",
+                "token_source": TokenSource("file", "/etc/spillway/agent.token"),
+                **fields,
+            }
+        )
+    )
+    key_body = CLIENT_KEY.splitlines()[1]
+    secret_values = [token, key_body, API_KEY]
+    for value in secret_values:
+        assert value not in user_data
+        assert value not in base64.b64encode(user_data.encode()).decode()
+    return paths, user_data, secret_values
+
+
+def test_user_data_names_where_temporal_secrets_live_never_their_values(tmp_path: Path) -> None:
+    paths, user_data, _ = temporal_machine(tmp_path)
+    settings = json.loads(paths["settings"].read_text())
+    assert settings["temporal_client_key_source"] == {
+        "kind": "file",
+        "ref": str(tmp_path / "temporal" / "client.key"),
+    }
+    assert settings["temporal_api_key_source"]["ref"].endswith("/api-key")
+    # The CA is public and travels inline, like the scheduler's.
+    assert settings["temporal_ca_pem"] == TEMPORAL_CA
+    assert "PRIVATE KEY" not in user_data
+
+
+def test_prepare_writes_temporal_files_and_section(tmp_path: Path) -> None:
+    paths, _, secrets = temporal_machine(tmp_path)
+    done = run_boot(paths)
+    assert done.returncode == 0, done.stderr
+    run = paths["run"]
+    for name in ("temporal-client.pem", "temporal-client.key", "temporal-api-key"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o400, name
+    assert (run / "temporal-client.key").read_text() == CLIENT_KEY + "\n"
+    assert (run / "temporal-client.pem").read_text() == CLIENT_CERT + "\n"
+    assert (run / "temporal-api-key").read_text() == API_KEY + "\n"
+    assert (run / "temporal-ca.pem").read_text() == TEMPORAL_CA
+    config = json.loads((run / "agent.yaml").read_text())
+    assert config["temporal"] == {
+        "address": "temporal.internal:7233",
+        "namespace": "spillway-prod",
+        "identity": "gpu-node-1",
+        "tls": {
+            "ca_file": str(run / "temporal-ca.pem"),
+            "cert_file": str(run / "temporal-client.pem"),
+            "key_file": str(run / "temporal-client.key"),
+            "server_name": "frontend.temporal.internal",
+        },
+        "api_key_file": str(run / "temporal-api-key"),
+    }
+    for value in secrets:
+        assert value not in done.stdout + done.stderr
+        assert value not in (run / "agent.yaml").read_text()
+
+
+def test_api_key_alone_adds_no_tls_section_and_system_roots_on_request(tmp_path: Path) -> None:
+    paths, _, _ = temporal_machine(
+        tmp_path,
+        temporal_server_name="",
+        temporal_ca_pem="",
+        temporal_client_cert_source=None,
+        temporal_client_key_source=None,
+    )
+    assert run_boot(paths).returncode == 0
+    section = json.loads((paths["run"] / "agent.yaml").read_text())["temporal"]
+    assert "tls" not in section  # an API key implies TLS with the system roots
+    assert section["api_key_file"] == str(paths["run"] / "temporal-api-key")
+    assert not (paths["run"] / "temporal-client.key").exists()
+    settings = json.loads(paths["settings"].read_text())
+    settings["temporal_tls"] = True
+    paths["settings"].write_text(json.dumps(settings))
+    assert run_boot(paths).returncode == 0
+    assert json.loads((paths["run"] / "agent.yaml").read_text())["temporal"]["tls"] == {}
+
+
+def test_a_temporal_key_that_is_not_pem_fails_naming_it(tmp_path: Path) -> None:
+    paths, _, _ = temporal_machine(tmp_path)
+    (tmp_path / "temporal" / "client.key").write_text("not-a-key-but-secret\n")
+    done = run_boot(paths)
+    assert done.returncode == 1
+    assert "the Temporal client key in file" in done.stderr and "is not PEM" in done.stderr
+    assert "not-a-key-but-secret" not in done.stderr
+    assert not (paths["run"] / "agent.yaml").exists()
+    assert not (paths["run"] / "token").exists()  # nothing written before every secret is in
+
+
+def test_a_missing_temporal_api_key_file_fails_naming_it(tmp_path: Path) -> None:
+    paths, _, _ = temporal_machine(tmp_path)
+    (tmp_path / "temporal" / "api-key").unlink()
+    done = run_boot(paths)
+    assert done.returncode == 1
+    assert "cannot read the Temporal API key file" in done.stderr
+
+
+def test_temporal_secrets_come_from_a_cloud_store_like_the_token() -> None:
+    boot = load_boot()
+    meta = boot.GCP_METADATA
+    secret = "projects/p-1/secrets/temporal-key"
+    fake = FakeCloud(
+        {
+            f"{meta}/instance/service-accounts/default/token": b'{"access_token": "ya29.x"}',
+            f"https://secretmanager.googleapis.com/v1/{secret}/versions/latest:access": json.dumps(
+                {"payload": {"data": base64.b64encode(CLIENT_KEY.encode()).decode()}}
+            ).encode(),
+        }
+    )
+    boot.__dict__["_http"] = fake
+    settings = {"temporal_client_key_source": {"kind": "gcp-secretmanager", "ref": secret}}
+    assert boot.fetch_temporal_files(settings) == {"temporal-client.key": CLIENT_KEY + "\n"}
+    with pytest.raises(boot.BootError, match=r"temporal_api_key_source\.ref"):
+        boot.fetch_temporal_files(
+            {"temporal_api_key_source": {"kind": "aws-secretsmanager", "ref": "api-key"}}
+        )
+
+
+def _temporal_fields() -> set[str]:
+    from agent.config import TemporalEndpoint
+
+    return set(TemporalEndpoint.model_fields)
+
+
+@pytest.mark.skipif(
+    not {"tls", "api_key_file", "identity"} <= _temporal_fields(),
+    reason="agent.config's temporal section has no tls/api_key_file/identity fields yet",
+)
+def test_completed_temporal_section_loads_with_the_agent_config(tmp_path: Path) -> None:
+    paths, _, _ = temporal_machine(tmp_path)
+    assert run_boot(paths).returncode == 0
+    config = load_agent_config(paths["run"] / "agent.yaml")
+    assert config.temporal is not None
+    dumped = config.temporal.model_dump(mode="json")
+    assert dumped["identity"] == "gpu-node-1"
+    assert dumped["tls"]["key_file"] == str(paths["run"] / "temporal-client.key")
+    assert dumped["api_key_file"] == str(paths["run"] / "temporal-api-key")
+
+
+# --- installing SGLang where the image lacks it -----------------------------------------------
+
+
+def fake_venv(tmp_path: Path, *, spillway: bool, sglang: bool) -> tuple[Path, Path]:
+    """A venv whose python answers the sglang probe as told and whose pip logs its arguments."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    log = tmp_path / "pip.log"
+    (venv / "bin" / "python").write_text(f"#!/bin/sh\nexit {0 if sglang else 1}\n")
+    (venv / "bin" / "pip").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    if spillway:
+        (venv / "bin" / "spillway").write_text("#!/bin/sh\n")
+    for path in (venv / "bin").iterdir():
+        path.chmod(0o755)
+    return venv, log
+
+
+def write_settings(tmp_path: Path, install_sglang: bool) -> Path:
+    settings = tmp_path / "bootstrap.json"
+    package = {"wheel_url": "", "index_url": "", "version": "0.1.0"}
+    settings.write_text(json.dumps({"install_sglang": install_sglang, "package": package}))
+    return settings
+
+
+@pytest.mark.parametrize(
+    ("spillway", "sglang", "switch", "expected"),
+    [
+        (True, False, False, None),  # installed, SGLang not wanted
+        (True, True, True, None),  # the image ships SGLang: left alone
+        (True, False, True, "spillway[agent,sglang]==0.1.0"),
+        (False, True, True, "spillway[agent]==0.1.0"),
+        (False, False, True, "spillway[agent,sglang]==0.1.0"),
+        (False, False, False, "spillway[agent]==0.1.0"),
+    ],
+)
+def test_install_sglang_only_where_the_venv_cannot_find_it(
+    tmp_path: Path, spillway: bool, sglang: bool, switch: bool, expected: str | None
+) -> None:
+    venv, log = fake_venv(tmp_path, spillway=spillway, sglang=sglang)
+    load_boot().install(write_settings(tmp_path, switch), venv)
+    if expected is None:
+        assert not log.exists()
+    else:
+        assert log.read_text().split() == ["install", "--no-input", "--upgrade", expected]
+
+
+def test_sglang_extra_is_pinned_in_pyproject() -> None:
+    import tomllib
+
+    pyproject = tomllib.loads((BOOTSTRAP.parents[2] / "pyproject.toml").read_text())
+    (pin,) = pyproject["project"]["optional-dependencies"]["sglang"]
+    assert re.fullmatch(r"sglang(\[[a-z,]+\])?==\d+\.\d+\.\d+(\.post\d+)?", pin), pin

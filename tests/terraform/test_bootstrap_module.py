@@ -109,13 +109,59 @@ CASES: dict[str, dict[str, Any]] = {
         "reconnect_initial_backoff_s": 0.0001,
         "system_packages": ["python3-venv", "python3-pip"],
     },
+    "temporal_mtls_sglang": {
+        "agent_id": "gpu-mtls",
+        "cloud": "onprem",
+        "pool": "reserved-eu",
+        "region": "eu-frankfurt",
+        "allowed_regions": ["eu-frankfurt"],
+        "scheduler_address": "scheduler.internal:50051",
+        "token_source": {"kind": "file", "ref": "/etc/spillway/agent.token"},
+        "temporal_address": "temporal.internal:7233",
+        "temporal_namespace": "spillway-prod",
+        "temporal_server_name": "frontend.temporal.internal",
+        "temporal_ca_pem": CA_PEM,
+        "temporal_client_cert_source": {"kind": "file", "ref": "/etc/spillway/temporal.pem"},
+        "temporal_client_key_source": {
+            "kind": "gcp-secretmanager",
+            "ref": "projects/p-1/secrets/temporal-key",
+        },
+        "install_sglang": True,
+    },
+    "temporal_cloud_api_key": {
+        "agent_id": "gpu-cloud",
+        "cloud": "aws",
+        "pool": "spill-aws",
+        "region": "eu-central-1",
+        "allowed_regions": ["eu-central-1"],
+        "scheduler_address": "scheduler.internal:50051",
+        "token_source": {
+            "kind": "aws-secretsmanager",
+            "ref": "arn:aws:secretsmanager:eu-central-1:123456789012:secret:agent-AbCdEf",
+        },
+        "temporal_address": "spillway.a1b2c.tmprl.cloud:7233",
+        "temporal_namespace": "spillway.a1b2c",
+        "temporal_api_key_source": {
+            "kind": "aws-secretsmanager",
+            "ref": "arn:aws:secretsmanager:eu-central-1:123456789012:secret:temporal-api-key-Xy",
+        },
+    },
 }
+
+SOURCES = (
+    "token_source",
+    "temporal_client_cert_source",
+    "temporal_client_key_source",
+    "temporal_api_key_source",
+)
 
 
 def spec_from(inputs: dict[str, Any]) -> BootstrapSpec:
     """The Python spec for a set of module inputs (same names, tuples for lists)."""
     fields = dict(inputs)
-    fields["token_source"] = TokenSource(**inputs["token_source"])
+    for name in SOURCES:
+        if name in inputs:
+            fields[name] = TokenSource(**inputs[name])
     fields["allowed_regions"] = tuple(inputs["allowed_regions"])
     fields["static_gpus"] = tuple(StaticGpu(**gpu) for gpu in inputs.get("static_gpus", []))
     if "system_packages" in inputs:
@@ -193,7 +239,11 @@ def test_user_data_is_cloud_config(applied: dict[str, Any], case: str) -> None:
     assert agent_user["name"] == "spillway" and agent_user["system"] is True
     assert agent_user["shell"] == "/usr/sbin/nologin" and agent_user["lock_passwd"] is True
     settings = json.loads(written(document, "/etc/spillway/bootstrap.json")["content"])
-    assert settings["token_source"] == inputs["token_source"]
+    for name in SOURCES:
+        assert settings[name] == inputs.get(name), name
+    assert settings["install_sglang"] is inputs.get("install_sglang", False)
+    assert settings["temporal_ca_pem"] == inputs.get("temporal_ca_pem", "")
+    assert settings["temporal_server_name"] == inputs.get("temporal_server_name", "")
     script = written(document, "/usr/local/lib/spillway/spillway-boot")
     assert script["encoding"] == "b64" and script["permissions"] == "0755"
     boot = (BOOTSTRAP / "templates" / "spillway-boot.py").read_bytes()
@@ -312,6 +362,28 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
     "bad_scheduler_address": (
         {"scheduler_address": "scheduler.internal"},
         "The scheduler_address must be host:port",
+    ),
+    "temporal_cert_without_key": (
+        {
+            "temporal_address": "temporal.internal:7233",
+            "temporal_client_cert_source": {"kind": "file", "ref": "/etc/spillway/t.pem"},
+        },
+        "set temporal_client_cert_source and temporal_client_key_source together",
+    ),
+    "temporal_settings_without_address": (
+        {"temporal_server_name": "temporal.internal"},
+        "the temporal_* connection settings need temporal_address",
+    ),
+    "relative_temporal_key_file": (
+        {
+            "temporal_address": "temporal.internal:7233",
+            "temporal_api_key_source": {"kind": "file", "ref": "api-key"},
+        },
+        "Set temporal_api_key_source.ref to where the node worker's Temporal API key",
+    ),
+    "temporal_ca_not_pem": (
+        {"temporal_address": "temporal.internal:7233", "temporal_ca_pem": "/etc/ca.pem"},
+        "The temporal_ca_pem must be empty or a PEM certificate",
     ),
 }
 

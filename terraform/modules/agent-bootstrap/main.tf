@@ -45,7 +45,7 @@ locals {
     }
   }
 
-  # Read by spillway-boot on the machine. A reference to the token, never the token.
+  # Read by spillway-boot on the machine. References to the secrets, never the secrets.
   bootstrap_settings = {
     append_instance_id = var.append_instance_id
     identity_client_id = var.identity_client_id
@@ -54,7 +54,15 @@ locals {
       index_url = var.package_index_url
       version   = var.package_version
     }
+    install_sglang   = var.install_sglang
     scheduler_ca_pem = var.scheduler_ca_pem
+    # The Temporal client's certificate, key and API key: references, never the values.
+    temporal_api_key_source     = var.temporal_api_key_source
+    temporal_ca_pem             = var.temporal_ca_pem
+    temporal_client_cert_source = var.temporal_client_cert_source
+    temporal_client_key_source  = var.temporal_client_key_source
+    temporal_server_name        = var.temporal_server_name
+    temporal_tls                = var.temporal_tls
     token_source = {
       kind = var.token_source.kind
       ref  = var.token_source.ref
@@ -68,6 +76,16 @@ locals {
     var.gpu_discovery != "static" || length(var.static_gpus) > 0 ? "" : "gpu_discovery is static: set static_gpus to the GPUs of these machines",
     var.reconnect_max_backoff_s >= var.reconnect_initial_backoff_s ? "" : "reconnect_max_backoff_s must be at least reconnect_initial_backoff_s",
     var.wheel_url == "" || var.package_version == "" ? "" : "set either wheel_url or package_version, not both",
+    (var.temporal_client_cert_source == null) == (var.temporal_client_key_source == null) ? "" : "set temporal_client_cert_source and temporal_client_key_source together (mutual TLS needs both)",
+    var.temporal_address != "" || !local.temporal_extras ? "" : "the temporal_* connection settings need temporal_address: set it to the Temporal frontend's host:port",
+  ])
+  temporal_extras = anytrue([
+    var.temporal_server_name != "",
+    var.temporal_ca_pem != "",
+    var.temporal_tls,
+    var.temporal_client_cert_source != null,
+    var.temporal_client_key_source != null,
+    var.temporal_api_key_source != null,
   ])
   checked = length(local.problems) == 0 ? true : tobool(join("; ", local.problems))
 

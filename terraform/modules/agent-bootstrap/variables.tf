@@ -114,6 +114,91 @@ variable "temporal_namespace" {
   }
 }
 
+variable "temporal_server_name" {
+  description = "Name to check the Temporal frontend's certificate against, when it differs from the host in temporal_address (turns on TLS)."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9.-]{0,253}$", var.temporal_server_name))
+    error_message = "The temporal_server_name must be empty or a DNS name, e.g. \"frontend.temporal.internal\"."
+  }
+}
+
+variable "temporal_ca_pem" {
+  description = "PEM of the CA that signed the Temporal frontend's certificate (public, not a secret; turns on TLS). Empty: the system roots when TLS is on."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.temporal_ca_pem == "" || length(regexall("-----BEGIN CERTIFICATE-----", var.temporal_ca_pem)) > 0
+    error_message = "The temporal_ca_pem must be empty or a PEM certificate (-----BEGIN CERTIFICATE-----)."
+  }
+}
+
+variable "temporal_tls" {
+  description = "TLS to the Temporal frontend with the system roots even without temporal_ca_pem or a client certificate. An API key implies TLS anyway."
+  type        = bool
+  default     = false
+}
+
+variable "temporal_client_cert_source" {
+  description = "Where the node worker's client certificate for mutual TLS to Temporal (PEM; with temporal_client_key_source) lives, fetched at boot like the token (to /run/spillway, mode 0400; never in user data): kind \"file\" (ref: absolute path on the machine), \"aws-secretsmanager\" (ref: secret ARN), \"gcp-secretmanager\" (ref: projects/P/secrets/S) or \"azure-keyvault\" (ref: https://VAULT.vault.azure.net/secrets/NAME). Null: none."
+  type = object({
+    kind = string
+    ref  = string
+  })
+  default = null
+
+  validation {
+    condition     = var.temporal_client_cert_source == null ? true : contains(["file", "aws-secretsmanager", "gcp-secretmanager", "azure-keyvault"], var.temporal_client_cert_source.kind)
+    error_message = "The temporal_client_cert_source.kind must be \"file\", \"aws-secretsmanager\", \"gcp-secretmanager\" or \"azure-keyvault\"."
+  }
+
+  validation {
+    condition     = var.temporal_client_cert_source == null ? true : length(trimspace(var.temporal_client_cert_source.ref)) > 0 && (var.temporal_client_cert_source.kind != "file" || substr(var.temporal_client_cert_source.ref, 0, 1) == "/")
+    error_message = "Set temporal_client_cert_source.ref to where the node worker's client certificate for mutual TLS to Temporal (PEM; with temporal_client_key_source) lives: an absolute file path (e.g. \"/etc/spillway/temporal/client.pem\"), a Secrets Manager ARN, projects/P/secrets/S, or https://VAULT.vault.azure.net/secrets/NAME."
+  }
+}
+
+variable "temporal_client_key_source" {
+  description = "Where the node worker's client private key for mutual TLS to Temporal (PEM; with temporal_client_cert_source) lives, fetched at boot like the token (to /run/spillway, mode 0400; never in user data): kind \"file\" (ref: absolute path on the machine), \"aws-secretsmanager\" (ref: secret ARN), \"gcp-secretmanager\" (ref: projects/P/secrets/S) or \"azure-keyvault\" (ref: https://VAULT.vault.azure.net/secrets/NAME). Null: none."
+  type = object({
+    kind = string
+    ref  = string
+  })
+  default = null
+
+  validation {
+    condition     = var.temporal_client_key_source == null ? true : contains(["file", "aws-secretsmanager", "gcp-secretmanager", "azure-keyvault"], var.temporal_client_key_source.kind)
+    error_message = "The temporal_client_key_source.kind must be \"file\", \"aws-secretsmanager\", \"gcp-secretmanager\" or \"azure-keyvault\"."
+  }
+
+  validation {
+    condition     = var.temporal_client_key_source == null ? true : length(trimspace(var.temporal_client_key_source.ref)) > 0 && (var.temporal_client_key_source.kind != "file" || substr(var.temporal_client_key_source.ref, 0, 1) == "/")
+    error_message = "Set temporal_client_key_source.ref to where the node worker's client private key for mutual TLS to Temporal (PEM; with temporal_client_cert_source) lives: an absolute file path (e.g. \"/etc/spillway/temporal/client.key\"), a Secrets Manager ARN, projects/P/secrets/S, or https://VAULT.vault.azure.net/secrets/NAME."
+  }
+}
+
+variable "temporal_api_key_source" {
+  description = "Where the node worker's Temporal API key (Temporal Cloud; one word) lives, fetched at boot like the token (to /run/spillway, mode 0400; never in user data): kind \"file\" (ref: absolute path on the machine), \"aws-secretsmanager\" (ref: secret ARN), \"gcp-secretmanager\" (ref: projects/P/secrets/S) or \"azure-keyvault\" (ref: https://VAULT.vault.azure.net/secrets/NAME). Null: none."
+  type = object({
+    kind = string
+    ref  = string
+  })
+  default = null
+
+  validation {
+    condition     = var.temporal_api_key_source == null ? true : contains(["file", "aws-secretsmanager", "gcp-secretmanager", "azure-keyvault"], var.temporal_api_key_source.kind)
+    error_message = "The temporal_api_key_source.kind must be \"file\", \"aws-secretsmanager\", \"gcp-secretmanager\" or \"azure-keyvault\"."
+  }
+
+  validation {
+    condition     = var.temporal_api_key_source == null ? true : length(trimspace(var.temporal_api_key_source.ref)) > 0 && (var.temporal_api_key_source.kind != "file" || substr(var.temporal_api_key_source.ref, 0, 1) == "/")
+    error_message = "Set temporal_api_key_source.ref to where the node worker's Temporal API key (Temporal Cloud; one word) lives: an absolute file path (e.g. \"/etc/spillway/temporal/api-key\"), a Secrets Manager ARN, projects/P/secrets/S, or https://VAULT.vault.azure.net/secrets/NAME."
+  }
+}
+
 variable "scheduler_ca_pem" {
   description = "PEM of the CA that signed the scheduler's certificate (public, not a secret). Empty: plaintext gRPC."
   type        = string
@@ -234,6 +319,12 @@ variable "package_version" {
     condition     = var.package_version == "" || can(regex("^[0-9][0-9A-Za-z.+!-]*$", var.package_version))
     error_message = "The package_version must be empty or a version such as \"0.1.0\"."
   }
+}
+
+variable "install_sglang" {
+  description = "Install SGLang (spillway's sglang extra) when the machine's image lacks it: the agent's venv then sees the system's packages, and pip runs only when it cannot find the sglang module."
+  type        = bool
+  default     = false
 }
 
 variable "system_packages" {

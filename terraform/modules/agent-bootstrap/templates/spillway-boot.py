@@ -5,16 +5,24 @@
 once the agent is installed): create ``/opt/spillway/venv`` and install ``spillway[agent]`` from
 the wheel URL or the package index named in ``/etc/spillway/bootstrap.json``.
 
+``install`` also installs SGLang (the ``sglang`` extra) when ``bootstrap.json`` sets
+``install_sglang`` and the venv's interpreter cannot ``import sglang``: images that ship SGLang
+are left alone.
+
 ``prepare`` (systemd, as root, after ``install`` before every start): copy the
 agent's bearer token from the file or cloud secret store named in ``bootstrap.json`` to
 ``/run/spillway/token`` (tmpfs, mode 0400, owned by the agent's user), and write
 ``/run/spillway/agent.yaml``: ``/etc/spillway/agent.yaml`` completed with this machine's
-identity (agent id, instance id, zone) from the cloud's metadata service.
+identity (agent id, instance id, zone) from the cloud's metadata service. When the agent has a
+Temporal frontend, its client certificate, client key and API key are fetched the same way
+(``/run/spillway/temporal-*``, mode 0400) and the config's ``temporal:`` section is completed:
+``tls`` (CA, certificate, key, server name), ``api_key_file`` and ``identity`` (the agent id).
 
 This file is embedded in the cloud-init user data that both the ``agent-bootstrap`` Terraform
 module and ``providers.bootstrap`` render, so it uses the standard library only (it runs before
-the agent is installed). It must never print, log or persist the token outside ``/run``, and it
-must not accept a token value from its settings: only a reference to where the token lives.
+the agent is installed). It must never print, log or persist a secret (the token, the Temporal
+key or API key) outside ``/run``, and it must not accept a secret's value from its settings: only
+a reference to where the secret lives.
 """
 
 from __future__ import annotations
@@ -144,10 +152,10 @@ def sigv4_headers(
     return headers
 
 
-def _aws_secret(arn: str) -> str:
+def _aws_secret(arn: str, field: str) -> str:
     parts = arn.split(":")
     if len(parts) < 7 or parts[2] != "secretsmanager":
-        raise BootError(f"token_source.ref {arn!r} is not a Secrets Manager secret ARN")
+        raise BootError(f"{field}.ref {arn!r} is not a Secrets Manager secret ARN")
     region = parts[3]
     role = _aws_imds("meta-data/iam/security-credentials/").split()[0]
     creds = json.loads(_aws_imds(f"meta-data/iam/security-credentials/{role}"))
@@ -187,9 +195,9 @@ def _gcp_metadata(path: str) -> str:
     return _http(f"{GCP_METADATA}/{path}", headers={"Metadata-Flavor": "Google"}).decode()
 
 
-def _gcp_secret(name: str) -> str:
+def _gcp_secret(name: str, field: str) -> str:
     if not re.match(r"^projects/[^/]+/secrets/[^/]+(/versions/[^/]+)?$", name):
-        raise BootError(f"token_source.ref {name!r} is not projects/P/secrets/S[/versions/V]")
+        raise BootError(f"{field}.ref {name!r} is not projects/P/secrets/S[/versions/V]")
     if "/versions/" not in name:
         name += "/versions/latest"
     token = json.loads(_gcp_metadata("instance/service-accounts/default/token"))["access_token"]
@@ -214,9 +222,9 @@ def _gcp_identity() -> dict[str, str]:
 AZURE_IMDS = "http://169.254.169.254/metadata"
 
 
-def _azure_secret(url: str, client_id: str) -> str:
+def _azure_secret(url: str, client_id: str, field: str) -> str:
     if not re.match(r"^https://[a-z0-9-]+\.vault\.azure\.net/secrets/[^/?#]+(/[^/?#]+)?$", url):
-        raise BootError(f"token_source.ref {url!r} is not https://VAULT.vault.azure.net/secrets/N")
+        raise BootError(f"{field}.ref {url!r} is not https://VAULT.vault.azure.net/secrets/N")
     query = {"api-version": "2018-02-01", "resource": "https://vault.azure.net"}
     if client_id:
         query["client_id"] = client_id
@@ -247,27 +255,52 @@ def _azure_identity() -> dict[str, str]:
 # --- the two commands ------------------------------------------------------------------------
 
 
-def read_token(settings: dict[str, Any]) -> str:
-    """The agent token from wherever ``settings['token_source']`` says it lives."""
-    source = settings["token_source"]
+def fetch_secret(settings: dict[str, Any], field: str, what: str) -> str:
+    """The secret ``settings[field]`` refers to (a file or a cloud secret store), stripped.
+
+    ``what`` names it in errors ("the agent token"); no error ever contains the value.
+    """
+    source = settings[field]
     kind, ref = source["kind"], source["ref"]
     if kind == "file":
         try:
-            token = Path(ref).read_text(encoding="utf-8")
+            value = Path(ref).read_text(encoding="utf-8")
         except OSError as exc:
-            raise BootError(f"cannot read the agent token file {ref}: {exc.strerror}") from exc
+            raise BootError(f"cannot read {what} file {ref}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise BootError(f"{what} file {ref} is not UTF-8 text") from exc
     elif kind == "aws-secretsmanager":
-        token = _aws_secret(ref)
+        value = _aws_secret(ref, field)
     elif kind == "gcp-secretmanager":
-        token = _gcp_secret(ref)
+        value = _gcp_secret(ref, field)
     elif kind == "azure-keyvault":
-        token = _azure_secret(ref, settings.get("identity_client_id") or "")
+        value = _azure_secret(ref, settings.get("identity_client_id") or "", field)
     else:
-        raise BootError(f"token_source.kind {kind!r} is not supported")
-    token = token.strip()
-    if not token or any(ch.isspace() for ch in token):
-        raise BootError(f"the agent token in {kind} {ref} is empty or not a single word")
-    return token
+        raise BootError(f"{field}.kind {kind!r} is not supported")
+    return value.strip()
+
+
+def read_word(settings: dict[str, Any], field: str, what: str) -> str:
+    """A one-word secret (a bearer token, an API key)."""
+    value = fetch_secret(settings, field, what)
+    if not value or any(ch.isspace() for ch in value):
+        source = settings[field]
+        raise BootError(f"{what} in {source['kind']} {source['ref']} is empty or not a single word")
+    return value
+
+
+def read_pem(settings: dict[str, Any], field: str, what: str) -> str:
+    """A PEM document (a certificate, a private key)."""
+    value = fetch_secret(settings, field, what)
+    if not value.startswith("-----BEGIN ") or "-----END " not in value:
+        source = settings[field]
+        raise BootError(f"{what} in {source['kind']} {source['ref']} is not PEM (-----BEGIN ...)")
+    return value + "\n"
+
+
+def read_token(settings: dict[str, Any]) -> str:
+    """The agent token from wherever ``settings['token_source']`` says it lives."""
+    return read_word(settings, "token_source", "the agent token")
 
 
 def machine_identity(cloud: str) -> dict[str, str]:
@@ -319,42 +352,119 @@ def _write_private(path: Path, text: str, mode: int, uid: int, gid: int) -> None
     os.replace(tmp, path)
 
 
+# The Temporal client files fetched by reference: (settings key, file in the run dir, what).
+TEMPORAL_FILES = (
+    ("temporal_client_cert_source", "temporal-client.pem", "the Temporal client certificate"),
+    ("temporal_client_key_source", "temporal-client.key", "the Temporal client key"),
+    ("temporal_api_key_source", "temporal-api-key", "the Temporal API key"),
+)
+
+
+def fetch_temporal_files(settings: dict[str, Any]) -> dict[str, str]:
+    """File name in the run directory -> content, for the Temporal settings that are set."""
+    files: dict[str, str] = {}
+    if settings.get("temporal_ca_pem"):
+        files["temporal-ca.pem"] = settings["temporal_ca_pem"]
+    for key, name, what in TEMPORAL_FILES:
+        if not settings.get(key):
+            continue
+        if key == "temporal_api_key_source":
+            files[name] = read_word(settings, key, what) + "\n"
+        else:
+            files[name] = read_pem(settings, key, what)
+    return files
+
+
+def temporal_section(
+    temporal: dict[str, Any], settings: dict[str, Any], run_dir: Path, agent_id: str
+) -> dict[str, Any]:
+    """The agent config's ``temporal:`` section pointing at the files in ``run_dir``."""
+    section = dict(temporal)
+    tls: dict[str, str] = {}
+    if settings.get("temporal_ca_pem"):
+        tls["ca_file"] = str(run_dir / "temporal-ca.pem")
+    if settings.get("temporal_client_cert_source"):
+        tls["cert_file"] = str(run_dir / "temporal-client.pem")
+        tls["key_file"] = str(run_dir / "temporal-client.key")
+    if settings.get("temporal_server_name"):
+        tls["server_name"] = settings["temporal_server_name"]
+    if tls or settings.get("temporal_tls"):
+        section["tls"] = tls
+    if settings.get("temporal_api_key_source"):
+        section["api_key_file"] = str(run_dir / "temporal-api-key")
+    section["identity"] = agent_id
+    return section
+
+
 def prepare(settings_path: Path, config_path: Path, run_dir: Path, user: str) -> None:
     settings = json.loads(settings_path.read_text(encoding="utf-8"))
     config = json.loads(config_path.read_text(encoding="utf-8"))
     entry = pwd.getpwnam(user)
+    uid, gid = entry.pw_uid, entry.pw_gid
     run_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    # Every secret is fetched before anything is written: a missing one leaves no config.
+    token = read_token(settings)
+    temporal_files = fetch_temporal_files(settings) if config.get("temporal") else {}
     token_file = run_dir / "token"
-    _write_private(token_file, read_token(settings) + "\n", 0o400, entry.pw_uid, entry.pw_gid)
+    _write_private(token_file, token + "\n", 0o400, uid, gid)
     if settings.get("scheduler_ca_pem"):
         ca_file = run_dir / "scheduler-ca.pem"
-        _write_private(ca_file, settings["scheduler_ca_pem"], 0o444, entry.pw_uid, entry.pw_gid)
+        _write_private(ca_file, settings["scheduler_ca_pem"], 0o444, uid, gid)
+    for name, content in temporal_files.items():
+        mode = 0o444 if name == "temporal-ca.pem" else 0o400
+        _write_private(run_dir / name, content, mode, uid, gid)
     identity = machine_identity(config["labels"]["provider"])
     complete = complete_config(config, settings, identity, token_file)
+    if complete.get("temporal"):
+        complete["temporal"] = temporal_section(
+            complete["temporal"], settings, run_dir, complete["agent_id"]
+        )
     text = json.dumps(complete, indent=2, sort_keys=True) + "\n"
-    _write_private(run_dir / "agent.yaml", text, 0o440, entry.pw_uid, entry.pw_gid)
+    _write_private(run_dir / "agent.yaml", text, 0o440, uid, gid)
 
 
-def pip_command(package: dict[str, str], venv: Path) -> list[str]:
-    """The pip command line that installs the agent as ``package`` says."""
-    requirement = "spillway[agent]"
+def pip_command(package: dict[str, str], venv: Path, extras: str = "agent") -> list[str]:
+    """The pip command line that installs ``spillway[extras]`` as ``package`` says."""
+    requirement = f"spillway[{extras}]"
     if package.get("wheel_url"):
-        requirement = f"spillway[agent] @ {package['wheel_url']}"
+        requirement = f"spillway[{extras}] @ {package['wheel_url']}"
     elif package.get("version"):
-        requirement = f"spillway[agent]=={package['version']}"
+        requirement = f"spillway[{extras}]=={package['version']}"
     command = [str(venv / "bin" / "pip"), "install", "--no-input", "--upgrade"]
     if package.get("index_url"):
         command += ["--index-url", package["index_url"]]
     return [*command, requirement]
 
 
+def importable(venv: Path, module: str) -> bool:
+    """Whether the venv's interpreter finds ``module`` (found, not imported: SGLang is slow)."""
+    probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", probe], check=False)
+    return done.returncode == 0
+
+
 def install(settings_path: Path, venv: Path) -> None:
-    if (venv / "bin" / "spillway").exists():
-        return
+    """Install the agent once; with ``install_sglang``, SGLang too unless the venv finds it.
+
+    With ``install_sglang`` the venv sees the system's site-packages, so an image that ships
+    SGLang keeps its own build (its CUDA wheels) and nothing is downloaded.
+    """
     settings = json.loads(settings_path.read_text(encoding="utf-8"))
-    command = pip_command(settings["package"], venv)
+    want_sglang = bool(settings.get("install_sglang"))
+    installed = (venv / "bin" / "spillway").exists()
+    if installed and not want_sglang:
+        return
     if not (venv / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        create = [sys.executable, "-m", "venv", str(venv)]
+        if want_sglang:
+            create.insert(3, "--system-site-packages")
+        subprocess.run(create, check=True)
+    extras = "agent"
+    if want_sglang and not importable(venv, "sglang"):
+        extras = "agent,sglang"
+    if installed and extras == "agent":
+        return
+    command = pip_command(settings["package"], venv, extras)
     delay = 5.0
     for attempt in range(ATTEMPTS):
         if subprocess.run(command, check=False).returncode == 0:
