@@ -3,7 +3,9 @@
 It stands in for a booted cloud VM in demos and end-to-end tests. Launching writes an agent
 config with a static GPU inventory of the asked SKU and count (so the agent registers exactly
 like a fresh VM would), and starts the agent in its own process group; terminating sends SIGTERM
-to the group, waits, then SIGKILL. One small JSON record per key in ``state_dir`` makes launch
+to the group, waits, then SIGKILL. Stopping does the same but keeps the config, the token and the
+agent's state directory, and starting runs the agent again from them, as a stopped VM keeps its
+disk. One small JSON record per key in ``state_dir`` makes launch
 idempotent across provider objects and restarts.
 
 Instance types are fungible SKU requests, ``"H100-80GB:8"``; the only region is ``region``
@@ -36,6 +38,7 @@ from providers.base import (
     LaunchRequest,
     Provider,
     check_key,
+    check_labels,
     resource_name,
 )
 from providers.catalog import Catalog, Offer, OfferRequest, parse_sku_request
@@ -52,6 +55,8 @@ class _Record:
     config: str
     log: str
     labels: dict[str, str]
+    #: Stopped by :meth:`LocalProvider.stop`: no process, its config and state kept.
+    stopped: bool = False
 
 
 def _alive(pid: int) -> bool:
@@ -118,6 +123,8 @@ class LocalProvider(Provider):
             return None
 
     def _is_running(self, record: _Record) -> bool:
+        if record.pid <= 0:
+            return False
         child = self._children.get(record.pid)
         if child is not None:
             return child.poll() is None
@@ -131,7 +138,7 @@ class LocalProvider(Provider):
             instance_type=record.instance_type,
             region=record.region,
             zone="",
-            state="running",
+            state="stopped" if record.stopped else "running",
             labels=record.labels,
         )
 
@@ -230,7 +237,7 @@ class LocalProvider(Provider):
         with self._lock:
             path = self._record_path(request.key)
             record = self._read(path)
-            if record is not None and self._is_running(record):
+            if record is not None and self._is_live(record):
                 return self._instance(record)
             self.state_dir.mkdir(parents=True, exist_ok=True)
             agent_id = resource_name(request.key)
@@ -266,25 +273,9 @@ class LocalProvider(Provider):
             config_file = self.state_dir / f"{agent_id}.yaml"
             config_file.write_text(yaml.safe_dump(config, sort_keys=False))
             log_file = self.state_dir / f"{agent_id}.log"
-            env = dict(os.environ)
-            env["XDG_STATE_HOME"] = str(self.state_dir / "agent-state")
             if request.user_data:
                 self._write_user_data(agent_id, request)
-            with log_file.open("ab") as log:
-                try:
-                    child = subprocess.Popen(
-                        [*self._command, "agent", "run", "--config", str(config_file)],
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        start_new_session=True,  # its own process group, stopped as one
-                    )
-                except OSError as exc:
-                    raise ProviderError(
-                        f"local: cannot start {self._command[0]}: {exc}", cloud="local"
-                    ) from exc
-            self._children[child.pid] = child
+            child = self._spawn(config_file, log_file)
             record = _Record(
                 key=request.key,
                 agent_id=agent_id,
@@ -298,6 +289,28 @@ class LocalProvider(Provider):
             path.write_text(json.dumps(dataclasses.asdict(record)))
             return self._instance(record)
 
+    def _spawn(self, config_file: Path, log_file: Path) -> subprocess.Popen[bytes]:
+        """Start ``spillway agent run`` with ``config_file``, in its own process group."""
+        env = dict(os.environ)
+        # Per agent id below this: replica state and logs survive a stop, like a VM's disk.
+        env["XDG_STATE_HOME"] = str(self.state_dir / "agent-state")
+        with log_file.open("ab") as log:
+            try:
+                child = subprocess.Popen(
+                    [*self._command, "agent", "run", "--config", str(config_file)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,  # its own process group, stopped as one
+                )
+            except OSError as exc:
+                raise ProviderError(
+                    f"local: cannot start {self._command[0]}: {exc}", cloud="local"
+                ) from exc
+        self._children[child.pid] = child
+        return child
+
     def _write_user_data(self, agent_id: str, request: LaunchRequest) -> Path:
         """Keep the boot payload next to the config, as a VM would receive it (not executed)."""
         path = self.state_dir / f"{agent_id}.user-data"
@@ -306,9 +319,54 @@ class LocalProvider(Provider):
 
     def describe(self, key: str) -> Instance | None:
         record = self._read(self._record_path(key))
-        if record is None or not self._is_running(record):
+        if record is None or not self._is_live(record):
             return None
         return self._instance(record)
+
+    def _is_live(self, record: _Record) -> bool:
+        return record.stopped or self._is_running(record)
+
+    def stop(self, key: str) -> Instance | None:
+        """Stop the agent process group; its config, token, state directory and the weights it
+        fetched stay, as a stopped VM keeps its disk."""
+        with self._lock:
+            path = self._record_path(key)
+            record = self._read(path)
+            if record is None or not self._is_live(record):
+                return None
+            if not record.stopped:
+                self._stop(record.pid)
+                record = dataclasses.replace(record, stopped=True, pid=0)
+                path.write_text(json.dumps(dataclasses.asdict(record)))
+            return self._instance(record)
+
+    def start(self, key: str) -> Instance | None:
+        """Start the agent of a stopped machine again with the config it had."""
+        with self._lock:
+            path = self._record_path(key)
+            record = self._read(path)
+            if record is None or not self._is_live(record):
+                return None
+            if record.stopped:
+                child = self._spawn(Path(record.config), Path(record.log))
+                record = dataclasses.replace(record, stopped=False, pid=child.pid)
+                path.write_text(json.dumps(dataclasses.asdict(record)))
+            return self._instance(record)
+
+    def set_labels(self, key: str, labels: Mapping[str, str | None]) -> None:
+        check_labels("local", labels)
+        with self._lock:
+            path = self._record_path(key)
+            record = self._read(path)
+            if record is None:
+                return
+            merged = dict(record.labels)
+            for name, value in labels.items():
+                if value is None:
+                    merged.pop(name, None)
+                else:
+                    merged[name] = value
+            path.write_text(json.dumps(dataclasses.asdict(record) | {"labels": merged}))
 
     def terminate(self, key: str) -> None:
         with self._lock:
@@ -316,7 +374,8 @@ class LocalProvider(Provider):
             record = self._read(path)
             if record is None:
                 return
-            self._stop(record.pid)
+            if not record.stopped:
+                self._stop(record.pid)
             for name in (path, Path(record.config), self.state_dir / f"{record.agent_id}.token"):
                 with contextlib.suppress(FileNotFoundError):
                     name.unlink()
@@ -345,6 +404,6 @@ class LocalProvider(Provider):
         found = []
         for path in sorted(self.state_dir.glob("*.json")):
             record = self._read(path)
-            if record is not None and self._is_running(record):
+            if record is not None and self._is_live(record):
                 found.append(self._instance(record))
         return found

@@ -5,7 +5,8 @@ real launch call through the cloud adapter (EC2 on a moto server, say), so idemp
 region lock and capacity errors behave exactly as in production, and then starts a local
 ``spillway agent run`` for the same key with the labels the machine's agent would register with
 (cloud, region, zone, residency group, instance id, instance type, key) and the instance type's
-GPUs from the catalog. Terminating stops the process and terminates the machine.
+GPUs from the catalog. Terminating stops the process and terminates the machine; stopping stops
+both and keeps the agent's config and state, and starting starts the machine, then the agent.
 
 It must not be used where real machines boot: they run their own agent.
 """
@@ -13,10 +14,11 @@ It must not be used where real machines boot: they run their own agent.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 from providers.base import INSTANCE_TYPE_LABEL, Instance, LaunchRequest, Provider
 from providers.catalog import Offer, OfferRequest
-from providers.errors import ProviderError
+from providers.errors import CannotStopError, ProviderError
 from providers.local import LocalProvider
 
 
@@ -66,3 +68,27 @@ class StandInProvider(Provider):
 
     def list_managed(self) -> list[Instance]:
         return self.inner.list_managed()
+
+    def stop(self, key: str) -> Instance | None:
+        """Stop the machine (the cloud's own rules on what can stop apply) and its agent."""
+        instance = self.inner.describe(key)
+        if instance is None:
+            self.local.terminate(key)
+            return None
+        if instance.cannot_stop:
+            raise CannotStopError(
+                f"{self.cloud}: {instance.instance_id} cannot be stopped: {instance.cannot_stop}",
+                cloud=self.cloud,
+            )
+        self.local.stop(key)
+        return self.inner.stop(key)
+
+    def start(self, key: str) -> Instance | None:
+        """Start the machine, then its agent from the config and state it kept."""
+        instance = self.inner.start(key)
+        if instance is not None:
+            self.local.start(key)
+        return instance
+
+    def set_labels(self, key: str, labels: Mapping[str, str | None]) -> None:
+        self.inner.set_labels(key, labels)

@@ -8,14 +8,22 @@ removed, and a machine that cannot stop says why and is left as it was.
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
+
 import pytest
 
 from providers.aws import AwsProvider
 from providers.base import CLAIM_LABEL, WARM_LABEL, CapacityMemory
 from providers.errors import CannotStopError, CapacityError, InvalidRequestError
+from providers.local import LocalProvider
+from tests.conftest import SchedulerFactory, Tokens, eventually
 from tests.providers.conftest import Ec2
 from tests.providers.test_aws import REGION as AWS_REGION
 from tests.providers.test_aws import request as aws_request
+from tests.providers.test_local import _gone
+from tests.providers.test_local import request as local_request
 
 
 def aws_provider(ec2: Ec2, memory: CapacityMemory) -> AwsProvider:
@@ -109,3 +117,55 @@ def test_aws_start_without_capacity_is_a_capacity_error_and_stays_stopped(
     with pytest.raises(CapacityError):
         aws.start("warm-3")
     assert ec2_state(ec2, launched.instance_id) == "stopped"
+
+
+async def test_local_stop_keeps_the_state_and_start_registers_the_agent_again(
+    tmp_path: Path, tokens: Tokens, start_scheduler: SchedulerFactory
+) -> None:
+    scheduler = await start_scheduler()
+    local = LocalProvider(
+        tmp_path / "local", f"127.0.0.1:{scheduler.port}", tokens.add, residency="eu"
+    )
+    key = "warm-local-1"
+    try:
+        instance = await asyncio.to_thread(local.launch, local_request(key))
+        await eventually(lambda: scheduler.fleet.get(instance.instance_id), within_s=60)
+        record = scheduler.fleet.get(instance.instance_id)
+        assert record is not None
+        first_registration = record.registered_at
+        record_file = next((tmp_path / "local").glob("*.json"))
+        pid = int(json.loads(record_file.read_text())["pid"])
+        # What a VM's disk would hold: the agent's state directory, and a file in it.
+        state = tmp_path / "local" / "agent-state" / "spillway" / instance.instance_id
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "weights.marker").write_text("downloaded")
+
+        stopped = await asyncio.to_thread(local.stop, key)
+        assert stopped is not None and stopped.state == "stopped"
+        assert _gone(pid)
+        assert (state / "weights.marker").read_text() == "downloaded"
+        described = local.describe(key)
+        assert described is not None and described.state == "stopped"
+        assert [(i.key, i.state) for i in local.list_managed()] == [(key, "stopped")]
+        assert (await asyncio.to_thread(local.stop, key)) == stopped  # idempotent
+        # Launching the key again returns the stopped machine; it does not boot a second one.
+        relaunched = await asyncio.to_thread(local.launch, local_request(key))
+        assert relaunched.state == "stopped"
+
+        local.set_labels(key, {WARM_LABEL: "1764583200"})
+        started = await asyncio.to_thread(local.start, key)
+        assert started is not None and started.state == "running"
+        assert started.label(WARM_LABEL) == "1764583200"
+        new_pid = int(json.loads(record_file.read_text())["pid"])
+        assert new_pid != pid and not _gone(new_pid)
+        assert (await asyncio.to_thread(local.start, key)) is not None  # idempotent
+        assert int(json.loads(record_file.read_text())["pid"]) == new_pid
+
+        def registered_again() -> bool:
+            again = scheduler.fleet.get(instance.instance_id)
+            return again is not None and again.registered_at > first_registration
+
+        await eventually(registered_again, within_s=60, interval=0.1)
+    finally:
+        await asyncio.to_thread(local.terminate, key)
+    assert local.describe(key) is None and local.list_managed() == []
