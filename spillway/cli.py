@@ -17,6 +17,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.schedulerlink import ClientTls
+    from common.v1 import agent_pb2
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -51,43 +56,68 @@ def _cmd_gateway_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_targets(args: argparse.Namespace) -> tuple[list[str], ClientTls | None]:
+    """The schedulers to ask, in order, and the TLS settings: ``--scheduler`` (repeatable),
+    else ``--config``'s list, else ``$SPILLWAY_SCHEDULER`` (commas between several)."""
+    from common.schedulerlink import ClientTls, check_host_port
+    from spillway.status import schedulers_of
+
+    tls: ClientTls | None = None
+    if args.scheduler:
+        addresses = list(args.scheduler)
+    elif args.config is not None:
+        found, tls = schedulers_of(args.config)
+        addresses = list(found)
+    else:
+        env = os.environ.get("SPILLWAY_SCHEDULER", "127.0.0.1:50051")
+        addresses = [a.strip() for a in env.split(",") if a.strip()]
+    for address in addresses:
+        try:
+            check_host_port(address)
+        except ValueError as exc:
+            raise _BadInput(f"--scheduler {address}: {exc}") from None
+    if len(set(addresses)) != len(addresses):
+        raise _BadInput(f"--scheduler: a scheduler is listed twice: {', '.join(addresses)}")
+    if args.ca_file:
+        tls = ClientTls(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+    return addresses, tls
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
-    import grpc
     from rich.console import Console
     from rich.live import Live
 
-    from common.schedulerlink import ClientTls, read_token
-    from spillway.status import fetch_fleet, fleet_json, render
+    from common.schedulerlink import read_token
+    from spillway.status import NoSchedulerAnswered, fetch_fleet_from, fleet_json, render
 
     if args.token_file is None:
         raise _BadInput("--token-file (or SPILLWAY_TOKEN_FILE) is required: an operator token")
     token = read_token(args.token_file)
-    tls = (
-        ClientTls(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
-        if args.ca_file
-        else None
-    )
+    addresses, tls = _status_targets(args)
 
-    async def once() -> object:
+    async def once() -> tuple[str, agent_pb2.GetFleetResponse]:
         try:
-            return await fetch_fleet(args.scheduler, token, tls)
-        except grpc.aio.AioRpcError as exc:
-            raise _Failure(
-                f"scheduler {args.scheduler}: {exc.code().name}: {exc.details()}"
-            ) from exc
+            return await fetch_fleet_from(addresses, token, tls)
+        except NoSchedulerAnswered as exc:
+            raise _Failure(str(exc)) from exc
 
     if args.json:
-        print(json.dumps(fleet_json(asyncio.run(once())), indent=2))  # type: ignore[arg-type]
+        address, fleet = asyncio.run(once())
+        data = fleet_json(fleet)
+        data["answered_by"] = address
+        print(json.dumps(data, indent=2))
         return 0
     console = Console() if sys.stdout.isatty() else Console(width=150)
     if args.watch is None:
-        console.print(render(asyncio.run(once())))  # type: ignore[arg-type]
+        address, fleet = asyncio.run(once())
+        console.print(render(fleet, address=address))
         return 0
 
     async def watch() -> None:
         with Live(console=console, auto_refresh=False) as live:
             while True:
-                live.update(render(await once()), refresh=True)  # type: ignore[arg-type]
+                address, fleet = await once()
+                live.update(render(fleet, address=address), refresh=True)
                 await asyncio.sleep(args.watch)
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -310,8 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the fleet as a running scheduler sees it")
     status.add_argument(
         "--scheduler",
-        default=os.environ.get("SPILLWAY_SCHEDULER", "127.0.0.1:50051"),
-        help="host:port (default: $SPILLWAY_SCHEDULER or 127.0.0.1:50051)",
+        action="append",
+        metavar="HOST:PORT",
+        help="a scheduler; give it once per scheduler to try them in order (default: "
+        "--config's list, else $SPILLWAY_SCHEDULER, commas between several, else "
+        "127.0.0.1:50051)",
+    )
+    status.add_argument(
+        "--config",
+        type=Path,
+        help="an agent's or gateway's config: its scheduler address(es) and tls are used",
     )
     env_token = os.environ.get("SPILLWAY_TOKEN_FILE")
     status.add_argument(

@@ -4,19 +4,29 @@ The tables: agents, their replicas, and per deployment what the gateways see of 
 depth, the oldest wait, requests in flight, tokens per second overflowing to managed
 endpoints), summed over the gateways that reported recently. ``--json`` is the ``GetFleet``
 answer as it is, with a ``deployments`` summary of the gateways' figures added.
+
+With several schedulers (active-active; ``--scheduler`` given more than once, or the
+``scheduler.addresses`` of an agent's or gateway's config) they are asked in the order given
+and the first that answers is shown: every scheduler sees every agent, so any one's fleet is
+the fleet.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf.json_format import MessageToDict
+from pydantic import BaseModel, ConfigDict
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from common.schedulerlink import ClientTls, auth_metadata, open_channel
+from common.configfile import load_model
+from common.schedulerlink import ClientTls, SchedulerEndpoint, auth_metadata, open_channel
 from common.v1 import agent_pb2 as pb
 from common.v1 import agent_pb2_grpc as pb_grpc
 
@@ -47,6 +57,47 @@ async def fetch_fleet(
         return response
     finally:
         await channel.close(None)
+
+
+class NoSchedulerAnswered(Exception):
+    """Every listed scheduler failed; ``str()`` names each with its error, on one line."""
+
+    def __init__(self, failures: Sequence[tuple[str, grpc.aio.AioRpcError]]) -> None:
+        self.failures = list(failures)
+        super().__init__(
+            "; ".join(
+                f"scheduler {address}: {exc.code().name}: {exc.details()}"
+                for address, exc in failures
+            )
+        )
+
+
+async def fetch_fleet_from(
+    addresses: Sequence[str], token: str, tls: ClientTls | None, deadline_s: float = 10.0
+) -> tuple[str, pb.GetFleetResponse]:
+    """The fleet from the first of ``addresses`` that answers, and which one it was."""
+    failures: list[tuple[str, grpc.aio.AioRpcError]] = []
+    for address in addresses:
+        try:
+            return address, await fetch_fleet(address, token, tls, deadline_s)
+        except grpc.aio.AioRpcError as exc:
+            failures.append((address, exc))
+    raise NoSchedulerAnswered(failures)
+
+
+class _WithScheduler(BaseModel):
+    """Any client config (an agent's, a gateway's): only its ``scheduler`` section is read."""
+
+    model_config = ConfigDict(extra="ignore")
+    scheduler: SchedulerEndpoint
+
+
+def schedulers_of(path: Path) -> tuple[tuple[str, ...], ClientTls | None]:
+    """The scheduler addresses and TLS settings of an agent's or gateway's config file (its
+    token is not used: ``spillway status`` needs an operator's)."""
+    endpoint = load_model(path, _WithScheduler).scheduler
+    endpoint.resolve_paths(path.resolve().parent)
+    return endpoint.address_list, endpoint.tls
 
 
 def gateway_figures(fleet: pb.GetFleetResponse) -> dict[str, dict[str, Any]]:
@@ -125,13 +176,15 @@ def _gateway_table(fleet: pb.GetFleetResponse) -> Table:
     return table
 
 
-def render(fleet: pb.GetFleetResponse, now: float | None = None) -> Group:
+def render(fleet: pb.GetFleetResponse, now: float | None = None, address: str = "") -> Group:
     """A table of agents and, when any run, a table of replicas; when gateways report, a
-    table of each deployment's figures at the gateways beside its replica count."""
+    table of each deployment's figures at the gateways beside its replica count. ``address``:
+    the scheduler that answered, named in the title."""
     now = time.time() if now is None else now
     interval = fleet.report_interval.seconds + fleet.report_interval.nanos / 1e9
+    at = f" at {address}" if address else ""
     agents = Table(
-        title=f"Fleet: {len(fleet.agents)} agents, scheduler {fleet.scheduler_instance}, "
+        title=f"Fleet: {len(fleet.agents)} agents, scheduler {fleet.scheduler_instance}{at}, "
         f"reports every {interval:g}s",
         title_justify="left",
     )

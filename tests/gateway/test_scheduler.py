@@ -31,9 +31,14 @@ class Address:
 
 @contextlib.asynccontextmanager
 async def reporting(
-    scheduler: Scheduler, tokens: Tokens, tmp_path: Path, replica: SimReplica
+    scheduler: Scheduler,
+    tokens: Tokens,
+    tmp_path: Path,
+    replica: SimReplica,
+    also: Scheduler | None = None,
 ) -> AsyncIterator[Reporter]:
-    """A real agent reporter announcing ``replica`` (running on this host) as healthy."""
+    """A real agent reporter announcing ``replica`` (running on this host) as healthy, to
+    ``scheduler`` (and to ``also``)."""
     status = ReplicaStatus(
         replica_id=replica.replica_id,
         deployment="chat",
@@ -50,6 +55,14 @@ async def reporting(
         tokens.write("node-a", tmp_path),
         advertise_host="127.0.0.1",
     )
+    if also is not None:
+        section = config.scheduler.model_copy(
+            update={
+                "address": None,
+                "addresses": [f"127.0.0.1:{s.port}" for s in (scheduler, also)],
+            }
+        )
+        config = config.model_copy(update={"scheduler": section})
     reporter = Reporter(
         config,
         StaticInventory.from_config(config.gpus, "node-a"),
@@ -117,5 +130,66 @@ async def test_the_real_scheduler_feeds_the_gateway_and_hears_its_traffic(
             await until(lambda: restarted.fleet.mark_draining("r-eu-0"), 5.0)
             await until(lambda: not dep.replicas["r-eu-0"].healthy, 3.0, "the drain arrived")
             assert dep.replicas["r-eu-0"].target(0.0, 0.0).accepting is False
+    finally:
+        await gateway.stop()
+
+
+async def test_two_schedulers_the_gateway_reports_to_both_and_fails_over_without_flapping(
+    start_scheduler: SchedulerFactory,
+    tokens: Tokens,
+    tmp_path: Path,
+    replicas: ReplicaFactory,
+    gateway_config: Callable[..., GatewayConfig],
+    http: aiohttp.ClientSession,
+) -> None:
+    token = tokens.add("gw-1", "gateway")
+    first = await start_scheduler()
+    second = await start_scheduler()
+    addresses = [f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"]
+    (replica,) = await replicas("r-eu-0", extra=("--speedup", "50"))
+    config = gateway_config({"chat": deployment()}, Address(token, first.port))
+    scheduler_section = config.scheduler.model_copy(
+        update={"address": None, "addresses": addresses}
+    )
+    gateway = Gateway(config.model_copy(update={"scheduler": scheduler_section}))
+    await gateway.start()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    link = gateway.link.state
+    interval = first.config.report_interval_s
+    try:
+        async with reporting(first, tokens, tmp_path, replica, also=second):
+            dep = gateway.deployments.by_name["chat"]
+            await until(lambda: "r-eu-0" in dep.replicas and dep.replicas["r-eu-0"].healthy)
+            assert link.watching == addresses[0]
+            assert gateway.deployments.fleet.instance == first.instance
+            # Traffic goes to both schedulers: either may run the plan that reads it.
+            await until(lambda: first.fleet.gateways() and second.fleet.gateways(), 3.0)
+
+            # The watched scheduler dies: the gateway moves to the other one at once and the
+            # replica stays routable throughout.
+            port = first.port
+            await first.stop(grace=0)
+            took = await until(
+                lambda: link.connected and link.watching == addresses[1], 5.0, "failed over"
+            )
+            print(f"the gateway watched the other scheduler {took * 1000:.0f} ms after the kill")
+            assert took < 2 * interval + 1.0
+            assert gateway.deployments.fleet.instance == second.instance
+            assert dep.replicas["r-eu-0"].healthy
+            async with http.post(gateway.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200 and r.headers["x-spillway-target"] == "r-eu-0"
+
+            # The first comes back: it gets traffic again, but the watch stays where it works.
+            back = await start_scheduler(listen=f"127.0.0.1:{port}")
+            await until(lambda: back.fleet.gateways(), 5.0, "traffic to the restarted one")
+            sessions = link.sessions
+            await asyncio.sleep(10 * interval)
+            assert link.watching == addresses[1] and link.sessions == sessions
+
+            # Now the second dies: the watch goes back to the first.
+            await second.stop(grace=0)
+            await until(lambda: link.connected and link.watching == addresses[0], 5.0)
+            assert gateway.deployments.fleet.instance == back.instance
+            assert dep.replicas["r-eu-0"].healthy
     finally:
         await gateway.stop()
