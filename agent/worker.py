@@ -22,8 +22,13 @@ from typing import Any
 from temporalio.worker import Worker
 
 from common.configfile import CredentialError
-from common.temporallink import TemporalLink, TemporalRefused, connect_temporal, describe_outage
-from common.temporallink import refusal as refusal_of
+from common.temporallink import (
+    TemporalLink,
+    TemporalRefused,
+    connect_temporal,
+    describe_outage,
+    explain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +93,7 @@ class NodeWorker:
             except (TemporalRefused, CredentialError) as exc:
                 refused = str(exc)
             except Exception as exc:  # unreachable server, namespace missing, ...
-                found = refusal_of(exc, self.link, what="the node worker")
+                found = await explain(exc, self.link, what="the node worker")
                 refused = str(found) if found is not None else None
                 self.last_error = describe_outage(exc, self.link)
             self.running.clear()

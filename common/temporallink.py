@@ -20,8 +20,11 @@ above ``common``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import socket
+import ssl
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -338,13 +341,14 @@ def refusal(exc: BaseException, link: TemporalLink, *, what: str) -> TemporalRef
             f"temporal.tls.ca_file: {at} presented a certificate that {what} does not trust "
             f"({_reason(text)}; trusted: {trusted}); check temporal.tls.ca_file",
         )
-    if "CertificateRequired" in text or (
-        tls is not None and not has_cert and "connection closed" in text
-    ):
+    if "CertificateRequired" in text:
         return TemporalRefused(
             "temporal.tls.cert_file",
             f"temporal.tls: {at} refused the TLS handshake of {what}: it requires a client "
-            "certificate and none is configured; set temporal.tls.cert_file and key_file",
+            "certificate and none is configured; set temporal.tls.cert_file and key_file"
+            if not has_cert
+            else f"temporal.tls: {at} refused the TLS handshake of {what}: it did not accept "
+            "the client certificate (CertificateRequired); check temporal.tls.cert_file/key_file",
         )
     if any(f"fatal alert: {alert}" in text for alert in _CLIENT_CERT_ALERTS) or (
         "HandshakeFailure" in text
@@ -375,6 +379,70 @@ def refusal(exc: BaseException, link: TemporalLink, *, what: str) -> TemporalRef
     return None
 
 
+#: What the SDK reports when the frontend closed the line right after the TLS handshake: a
+#: refused client certificate (TLS 1.3 refuses it only after the handshake, and the SDK's first
+#: write may race the server's alert) or a proxy with nothing behind it. :func:`_probe_alert`
+#: tells them apart.
+_CLOSED_AFTER_HANDSHAKE = ("BrokenPipe", "connection closed", "ConnectionReset")
+
+#: OpenSSL's names of TLS alerts, as the SDK (rustls) writes them.
+_ALERTS = {
+    "CERTIFICATE_REQUIRED": "CertificateRequired",
+    "UNKNOWN_CA": "UnknownCA",
+    "BAD_CERTIFICATE": "BadCertificate",
+    "UNSUPPORTED_CERTIFICATE": "UnsupportedCertificate",
+    "CERTIFICATE_REVOKED": "CertificateRevoked",
+    "CERTIFICATE_EXPIRED": "CertificateExpired",
+    "CERTIFICATE_UNKNOWN": "CertificateUnknown",
+    "ACCESS_DENIED": "AccessDenied",
+    "DECRYPT_ERROR": "DecryptError",
+    "HANDSHAKE_FAILURE": "HandshakeFailure",
+}
+
+
+def _probe_alert(link: TemporalLink, timeout_s: float = 3.0) -> str | None:
+    """Shake hands with the frontend as the SDK does, then wait for its first bytes without
+    sending any: the TLS alert it sends instead (``"UnknownCA"``), or None when it speaks,
+    closes without one or stays silent."""
+    tls = link.tls
+    host, _, port = link.address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        if tls is not None and tls.ca_file is not None:
+            context = ssl.create_default_context(cadata=tls.ca_file.read_text("ascii"))
+        else:
+            context = ssl.create_default_context()
+        if tls is not None and tls.cert_file is not None and tls.key_file is not None:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        context.set_alpn_protocols(["h2"])
+        name = tls.server_name if tls is not None and tls.server_name else host
+        with (
+            socket.create_connection((host, int(port)), timeout=timeout_s) as raw,
+            context.wrap_socket(raw, server_hostname=name) as conn,
+        ):
+            conn.recv(1)
+    except ssl.SSLError as exc:
+        reason = str(exc.reason or "")
+        for suffix, alert in _ALERTS.items():
+            if "ALERT" in reason and reason.endswith(suffix):
+                return alert
+    except (OSError, ValueError, UnicodeError):
+        pass
+    return None
+
+
+async def explain(exc: BaseException, link: TemporalLink, *, what: str) -> TemporalRefused | None:
+    """:func:`refusal`, and when the frontend closed the line right after a TLS handshake, a
+    probe of that handshake to tell a refused certificate from an outage behind a proxy."""
+    found = refusal(exc, link, what=what)
+    tls_used = link.tls is not None or link.api_key_setting is not None
+    if found is None and tls_used and any(m in str(exc) for m in _CLOSED_AFTER_HANDSHAKE):
+        alert = await asyncio.to_thread(_probe_alert, link)
+        if alert is not None:
+            found = refusal(RuntimeError(f"received fatal alert: {alert}"), link, what=what)
+    return found
+
+
 def describe_outage(exc: BaseException, link: TemporalLink) -> str:
     """One line for an outage; hints at TLS when a plaintext client saw the line drop."""
     text = str(exc).removeprefix("Failed client connect: ")
@@ -399,7 +467,7 @@ async def connect_temporal(link: TemporalLink, *, what: str, identity: str | Non
     try:
         return await Client.connect(options.address, **options.kwargs())
     except (RuntimeError, RPCError) as exc:
-        refused = refusal(exc, link, what=what)
+        refused = await explain(exc, link, what=what)
         if refused is not None:
             raise refused from None
         raise

@@ -6,6 +6,8 @@
 # - nginx with its echo module (Debian): the HTTP origin of the weight-prefetch tests and the
 #   benchmark's latency origin;
 # - cloud-init (Debian): `cloud-init schema` checks the user data the terraform/ modules render;
+# - HAProxy (Debian): terminates TLS (and verifies client certificates) in front of the Temporal
+#   dev server, which has none of its own, for the Temporal TLS tests;
 # - Node.js and npm (Debian), then Azurite (npm) into the git-ignored .tools/: Azure Blob.
 # SeaweedFS, fake-gcs-server, Temporal and Terraform come with the dev extra from PyPI.
 #
@@ -19,6 +21,7 @@ command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)
 [ -e /usr/lib/nginx/modules/ngx_http_echo_module.so ] || need_apt+=(libnginx-mod-http-echo)
 command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 command -v cloud-init >/dev/null 2>&1 || need_apt+=(cloud-init)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 
 skipping=()
 if [ ${#need_apt[@]} -gt 0 ]; then

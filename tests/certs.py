@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 class Issued:
     cert: Path
     key: Path
+
+    def bundle(self, path: Path) -> Path:
+        """Certificate and key in one PEM file (HAProxy's ``crt``)."""
+        path.write_bytes(self.cert.read_bytes() + self.key.read_bytes())
+        return path
 
 
 class CertificateAuthority:
@@ -40,7 +46,10 @@ class CertificateAuthority:
         self.path = directory / f"{name}.pem"
         self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, common_name: str, *, server: bool) -> Issued:
+    def issue(
+        self, common_name: str, *, server: bool, dns_names: Sequence[str] = ("localhost",)
+    ) -> Issued:
+        """A leaf certificate; a server's names are ``dns_names`` and 127.0.0.1."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         builder = (
@@ -62,7 +71,7 @@ class CertificateAuthority:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(
                     [
-                        x509.DNSName("localhost"),
+                        *(x509.DNSName(name) for name in dns_names),
                         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                     ]
                 ),
