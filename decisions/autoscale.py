@@ -7,6 +7,11 @@ sample, so the sample that opens a window must pass too. Between the two marks n
 (hysteresis). Steps are bounded by ``max_step_up``/``max_step_down``; the result is always
 within ``min_replicas``..``max_replicas``.
 
+The gateways give a faster signal too (:func:`fast_signal`): a request waiting longer than
+``slo.saturated_queue_age`` x ``slo.ttft_s``, or requests waiting while no replica has room,
+is saturation now, not after a window; traffic sent to managed endpoints is overflow now.
+The planning step acts on both on the tick that sees them.
+
 Pure functions: no I/O and no clocks. ``now`` and the samples (with their times) are inputs.
 """
 
@@ -16,6 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from decisions.costs import DEFAULT_REPLICA_CONCURRENCY
 from decisions.fleetview import FleetSnapshot
 from decisions.policy import Deployment
 
@@ -65,6 +71,59 @@ def signal(deployment: str, dep: Deployment, snapshot: FleetSnapshot) -> float |
     if kind == "running_per_replica":
         return sum(r.running_requests for r in healthy) / len(healthy)
     return sum(r.kv_cache_usage for r in healthy) / len(healthy)
+
+
+@dataclass(frozen=True, slots=True)
+class FastSignal:
+    """What the gateways say of a deployment now, judged against its SLO."""
+
+    #: Why the deployment is saturated now (requests wait too long, or with no room
+    #: anywhere); empty when it is not.
+    saturated: str = ""
+    #: Replicas the waiting requests would fill (at least 1 when saturated).
+    wanted: int = 0
+    queue_depth: int = 0
+    oldest_queued_s: float = 0.0
+    #: Tokens per second going to managed endpoints now.
+    overflow_tokens_per_s: float = 0.0
+
+
+def replica_concurrency(dep: Deployment) -> int:
+    """Requests one replica takes at once, as the gateway caps it (or the default)."""
+    return dep.gateway.max_concurrency_per_replica or DEFAULT_REPLICA_CONCURRENCY
+
+
+def fast_signal(deployment: str, dep: Deployment, snapshot: FleetSnapshot) -> FastSignal:
+    """Saturation and overflow now, from the gateways' report (no window).
+
+    Saturated when the oldest request waiting at any gateway is older than
+    ``slo.saturated_queue_age * slo.ttft_s``, or when requests wait while no replica has
+    room: no healthy replica at all, or every healthy one at
+    ``gateway.max_concurrency_per_replica`` (when set) by the gateways' in-flight counts.
+    """
+    load = snapshot.gateway.get(deployment)
+    if load is None:
+        return FastSignal()
+    depth, oldest = load.queue_depth, load.oldest_queued_s
+    limit = dep.slo.saturated_after_s
+    cap = dep.gateway.max_concurrency_per_replica
+    healthy = [r for r in snapshot.replicas if r.deployment == deployment and r.healthy]
+    why = ""
+    if depth > 0 and oldest > limit:
+        why = (
+            f"{depth} queued at the gateways, the oldest for {oldest:.2f}s > {limit:.2f}s "
+            f"({dep.slo.saturated_queue_age:g} x {dep.slo.ttft_s:g}s TTFT)"
+        )
+    elif depth > 0 and not healthy:
+        why = f"{depth} queued at the gateways and no healthy replica"
+    elif (
+        depth > 0
+        and cap is not None
+        and all(load.in_flight.get(r.replica_id, 0) >= cap for r in healthy)
+    ):
+        why = f"{depth} queued at the gateways and every replica at its {cap} in flight"
+    wanted = max(1, math.ceil(depth / replica_concurrency(dep))) if why else 0
+    return FastSignal(why, wanted, depth, oldest, load.overflow_tokens_per_s)
 
 
 def decide(

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from decisions.autoscale import Sample, decide, signal
+from decisions.autoscale import Sample, decide, fast_signal, signal
 from decisions.fleetview import AgentView, FleetSnapshot, ReplicaState, ReplicaView
 from decisions.placement import SkipZone, place
 from decisions.plantypes import (
@@ -30,6 +30,7 @@ from decisions.plantypes import (
     trim_samples,
 )
 from decisions.policy import Deployment, Policy, resolve_lock, spill_providers
+from decisions.spilling import adjust
 from providers.catalog import Catalog, Offer, OfferRequest
 from providers.errors import ProviderError
 
@@ -181,8 +182,28 @@ def plan_step(
     if value is not None:
         samples.append(Sample(now, value))
     decision = decide(name, dep, current, samples, now, request.last_change_at)
-    change = decision.change
-    reason = decision.reason
+    rented = _rented(view, name, dep, catalog)
+    rentable = (
+        offers_in_lock(policy, dep, catalog, skip_zone)
+        if dep.spillover.enabled and spill_providers(policy, dep)
+        else []
+    )
+    adjusted = adjust(
+        name,
+        dep,
+        resolve_lock(policy, dep, catalog),
+        view,
+        decision,
+        fast_signal(name, dep, view),
+        rented,
+        now=now,
+        cheapest_offer_usd_per_hour=rentable[0].usd_per_hour if rentable else None,
+        episode=(request.episode_started_at, request.episode_seen_at, request.episodes_s),
+        cheaper_since=request.cheaper_since,
+        holding=bool(request.pending) or now < request.hold_until or bool(observing),
+    )
+    change = adjusted.change
+    reason = adjusted.reason
     holds: list[str] = []
     if change > 0 and request.pending:
         holds.append(f"{len(request.pending)} replicas still coming up; adding no more until then")
@@ -193,7 +214,9 @@ def plan_step(
     if holds:
         change = 0
         reason += "; " + "; ".join(holds)
-    results = place(policy, view, {name: change}, catalog, skip_zone=skip_zone)
+    by_cost = [r for r, _, _ in adjusted.releases]
+    asked = 0 if by_cost else change
+    results = place(policy, view, {name: asked}, catalog, skip_zone=skip_zone)
     result = next(r for r in results if r.deployment == name)
     spilled_spend = sum(
         a.usd_per_hour
@@ -237,20 +260,61 @@ def plan_step(
         )
         for r in result.releases
     ]
+    placed = reason_of_placement(result.reason, by_cost)
+    for replica, agent, why in adjusted.releases:
+        if replica.replica_id not in {r.replica_id for r in releases}:
+            releases.append(
+                PlannedRelease(
+                    replica.replica_id,
+                    agent.agent_id,
+                    why,
+                    agent.provider,
+                    agent.key,
+                    agent.usd_per_hour,
+                )
+            )
+    episodes = adjusted.episodes
     return PlanOutput(
         exists=True,
         now=now,
         sample=None if value is None else SamplePoint(now, value),
         current=current,
-        desired=decision.desired,
-        reason=f"{reason}. {result.reason}",
+        desired=max(0, current + adjusted.change),
+        reason=f"{reason}. {placed}",
         starts=starts,
         releases=releases,
         lock_error=result.lock_error or (unusable if result.unplaced else ""),
         notes=list(result.notes),
         template=template_of(name, dep),
         window_s=window,
+        episode_started_at=episodes.started_at,
+        episode_seen_at=episodes.seen_at,
+        episodes_s=list(episodes.durations_s),
+        cheaper_since=list(adjusted.cheaper_since),
     )
+
+
+def reason_of_placement(placed: str, by_cost: Sequence[ReplicaView]) -> str:
+    if not by_cost:
+        return placed
+    ids = ", ".join(r.replica_id for r in by_cost)
+    return f"{ids} released by cost" + ("" if placed == "no change asked" else f"; {placed}")
+
+
+def _rented(
+    view: FleetSnapshot, name: str, dep: Deployment, catalog: Catalog
+) -> list[tuple[ReplicaView, AgentView]]:
+    """The deployment's replicas on rented machines, still counted as capacity."""
+    agents = {a.agent_id: a for a in view.agents}
+    return [
+        (r, agents[r.agent_id])
+        for r in view.replicas
+        if r.deployment == name
+        and not r.leaving
+        and r.agent_id in agents
+        and agents[r.agent_id].pool not in dep.pools
+        and agents[r.agent_id].provider in catalog.clouds
+    ]
 
 
 def _spilled_agents(

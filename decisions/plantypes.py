@@ -84,15 +84,45 @@ class PendingReplica:
 
 
 @dataclass
+class CheaperSince:
+    """A rented replica found cheaper to release than to keep, and since when (it is released
+    once that held for ``autoscaling.costs.release_after_s``)."""
+
+    replica_id: str
+    since: float
+
+
+@dataclass
 class PlanInput:
+    """What a caller of ``plan_step`` keeps between steps of one deployment.
+
+    Every field but ``deployment`` has a default, so a caller that keeps less still plans;
+    what it does not keep is simply not known. A caller copies the fields marked *carried*
+    from the previous :class:`PlanOutput` (same name) into the next input. Times are seconds
+    since the epoch on the caller's clock (workflow time, simulated time), durations seconds.
+    """
+
     deployment: str
+    #: The signal's samples: the previous outputs' ``sample``, trimmed to ``window_s``.
     samples: list[SamplePoint] = field(default_factory=list)
+    #: When replicas were last started or released.
     last_change_at: float | None = None
     pending: list[PendingReplica] = field(default_factory=list)
     #: Replica ids being released: no longer counted as capacity.
     releasing: list[str] = field(default_factory=list)
     #: No new provisions before this time (after a failure); releases still happen.
     hold_until: float = 0.0
+    #: *Carried*: when the current overflow episode began (managed overflow, a queue, or a
+    #: rented replica the traffic needs); None between episodes.
+    episode_started_at: float | None = None
+    #: *Carried*: the newest step that saw the episode active.
+    episode_seen_at: float | None = None
+    #: *Carried*: durations of the last finished episodes, seconds, oldest first (at most 32).
+    #: With none, ``autoscaling.costs.expected_episode_s`` stands in.
+    episodes_s: list[float] = field(default_factory=list)
+    #: *Carried*: rented replicas found cheaper to release, and since when. Without it no
+    #: replica is released by cost while ``release_after_s`` is above 0.
+    cheaper_since: list[CheaperSince] = field(default_factory=list)
 
 
 @dataclass
@@ -141,3 +171,8 @@ class PlanOutput:
     window_s: float = 600.0
     weights_dir: str = ""
     weights_endpoint_url: str = ""
+    #: The episode and release bookkeeping to carry into the next :class:`PlanInput`.
+    episode_started_at: float | None = None
+    episode_seen_at: float | None = None
+    episodes_s: list[float] = field(default_factory=list)
+    cheaper_since: list[CheaperSince] = field(default_factory=list)

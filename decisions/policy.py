@@ -140,6 +140,83 @@ class ResidencyGroup(Strict):
         return {"aws": self.aws, "gcp": self.gcp, "azure": self.azure}
 
 
+class Slo(Strict):
+    """The latency the deployment promises; the gateway's queue is judged against it."""
+
+    ttft_s: Real = Field(
+        default=2.0, gt=0, le=3600, description="Time to first token to hold, seconds."
+    )
+    saturated_queue_age: Real = Field(
+        default=0.25,
+        gt=0,
+        le=1.0,
+        description="A share of ttft_s: when the oldest request waiting at a gateway is older "
+        "than saturated_queue_age x ttft_s, the deployment is saturated now and scales up on "
+        "this tick, without waiting for the scale-up window.",
+    )
+
+    @property
+    def saturated_after_s(self) -> float:
+        return self.saturated_queue_age * self.ttft_s
+
+
+class SpillCosts(Strict):
+    """What renting a replica costs against sending its traffic to a managed endpoint
+    (see :mod:`decisions.costs` for the formulas)."""
+
+    replica_tokens_per_s: Real = Field(
+        default=5000.0,
+        gt=0,
+        le=1e9,
+        description="Tokens per second (input and output together, as the gateways count "
+        "overflow) one replica carries within the SLO.",
+    )
+    cold_start_s: Real = Field(
+        default=450.0,
+        ge=0,
+        le=86_400,
+        description="From the decision to rent until the replica serves: launch, boot, "
+        "weights, start. Paid for, and served by the managed endpoint meanwhile.",
+    )
+    billing_minimum_s: Real = Field(
+        default=60.0, ge=0, le=86_400, description="A rented machine is billed at least this long."
+    )
+    expected_episode_s: Real = Field(
+        default=600.0,
+        gt=0,
+        le=7 * 86_400,
+        description="How long an overflow episode is expected to last before any was seen "
+        "(the prior; afterwards the episodes' own durations decide).",
+    )
+    episode_gap_s: Real = Field(
+        default=30.0,
+        gt=0,
+        le=86_400,
+        description="An episode ends after this long without overflow, queue or a rented "
+        "replica that is needed.",
+    )
+    input_token_share: Real = Field(
+        default=0.75,
+        ge=0,
+        le=1,
+        description="Share of overflow tokens that are input tokens: blends the endpoint's "
+        "input and output prices into one price per token.",
+    )
+    release_ratio: Real = Field(
+        default=1.5,
+        ge=1,
+        le=100,
+        description="Release a rented replica only when keeping it costs more than this many "
+        "times the alternative (managed endpoint, free reserved room) ...",
+    )
+    release_after_s: Real = Field(
+        default=60.0,
+        ge=0,
+        le=86_400,
+        description="... and that has held this long without a break.",
+    )
+
+
 class Autoscaling(Strict):
     signal: Signal = Field(
         default="queued_per_replica",
@@ -161,6 +238,12 @@ class Autoscaling(Strict):
     max_step_down: Whole = Field(
         default=1, ge=1, le=1000, description="Replicas removed per decision, at most."
     )
+    costs: SpillCosts = Field(
+        default_factory=SpillCosts,
+        description="The cost model of renting against managed endpoints and free reserved "
+        "room: rentals that only replace managed overflow, and every release of a rented "
+        "replica, are decided by it.",
+    )
 
     @property
     def low_water(self) -> float:
@@ -176,6 +259,24 @@ class Autoscaling(Strict):
         if self.signal == "kv_cache_usage" and self.target > 1:
             raise ValueError(f"kv_cache_usage is a share from 0 to 1; target {self.target:g}")
         return self
+
+
+class WarmPool(Strict):
+    """Stopped machines kept for a deployment: bounded in number and in age."""
+
+    max_machines: Whole = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="Stopped machines kept per deployment, at most; a release beyond this "
+        "terminates its machine, and the sweeper terminates the oldest beyond it.",
+    )
+    max_stopped_s: Real = Field(
+        default=3600,
+        gt=0,
+        le=30 * 86_400,
+        description="A machine stopped this long is terminated by the sweeper.",
+    )
 
 
 class Spillover(Strict):
@@ -208,6 +309,32 @@ class Spillover(Strict):
         le=7 * 86_400,
         description="The signal must stay low this long to scale down.",
     )
+    release: Literal["terminate", "stop"] = Field(
+        default="terminate",
+        description="What happens to a rented machine once its replica is drained: terminate "
+        "it, or stop it with its disk (and the weights on it) kept, into the warm pool. A cloud "
+        "or machine that cannot be stopped (one-time spot) is terminated all the same.",
+    )
+    warm_pool: WarmPool | None = Field(
+        default=None,
+        description="Bounds of the warm pool (only with release: stop; default: one machine "
+        "for an hour).",
+    )
+
+    @model_validator(mode="after")
+    def _warm_pool(self) -> Spillover:
+        if self.release == "terminate" and self.warm_pool is not None:
+            raise ValueError(
+                "warm_pool is set but release is terminate: no machine is ever stopped; set "
+                "release: stop or remove warm_pool"
+            )
+        return self
+
+    def warm(self) -> WarmPool | None:
+        """The warm pool's bounds, or None when released machines are terminated."""
+        if self.release != "stop":
+            return None
+        return self.warm_pool if self.warm_pool is not None else WarmPool()
 
 
 class Deployment(Strict):
@@ -221,6 +348,7 @@ class Deployment(Strict):
     min_replicas: Whole = Field(default=1, ge=0, le=10_000)
     max_replicas: Whole = Field(ge=1, le=10_000)
     autoscaling: Autoscaling
+    slo: Slo = Field(default_factory=Slo, description="The latency target the gateway holds.")
     spillover: Spillover = Field(default_factory=Spillover)
     managed: list[ManagedEndpoint] = Field(
         default_factory=list,

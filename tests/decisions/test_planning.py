@@ -227,24 +227,17 @@ def gateway_policy(kind: str, **spill: Any) -> Policy:
 
 
 def test_scale_from_zero_on_the_gateways_queue() -> None:
-    """No replica at all, so no per-replica signal; the gateways' queue still has a value,
-    and sustained over the window it starts the first replica on the free reserved GPUs."""
+    """No replica at all, so no per-replica signal; requests waiting with no replica anywhere
+    are saturation now: the first tick starts a replica on the free reserved GPUs."""
     pol = gateway_policy("queued_at_gateway")
-    waiting = {"chat": GatewayLoad(queue_depth=12, oldest_queued_s=3.0, gateways=2)}
+    waiting = {"chat": GatewayLoad(queue_depth=12, oldest_queued_s=0.1, gateways=2)}
     snap = FleetSnapshot((agent("a", 8),), (), waiting)
-    samples: list[SamplePoint] = []
-    starts: list[PlannedStart] = []
-    now = 100.0
-    while not starts and now < 110:
-        out = plan_step(pol, snap, CATALOG, PlanInput("chat", samples), now, ids())
-        assert out.sample is not None and out.sample.value == 12.0
-        samples = trim_samples([*samples, out.sample], now - out.window_s)
-        starts = out.starts
-        now += 0.5
-    assert out.current == 0 and out.desired == 2, out.reason  # ceil(12 / 4), max 2 a step
-    assert [(s.where, s.agent_id) for s in starts] == [("reserved", "a"), ("cloud", "")]
-    assert 102.0 <= now - 0.5 <= 102.5, now  # after the whole scale-up window (2 s)
-    assert "queued_at_gateway over 4" in out.reason
+    out = plan_step(pol, snap, CATALOG, PlanInput("chat"), 100.0, ids())
+    assert out.sample is not None and out.sample.value == 12.0
+    # ceil(12 queued / 64 a replica) = 1: the queue fits one replica.
+    assert out.current == 0 and out.desired == 1, out.reason
+    assert [(s.where, s.agent_id) for s in out.starts] == [("reserved", "a")]
+    assert "12 queued at the gateways and no healthy replica; +1" in out.reason
 
 
 def test_overflow_signal_scales_from_zero_and_an_empty_gateway_holds_at_zero() -> None:
@@ -260,14 +253,19 @@ def test_overflow_signal_scales_from_zero_and_an_empty_gateway_holds_at_zero() -
     assert quiet.current == quiet.desired == 0 and quiet.starts == []
 
 
-def test_an_empty_gateway_view_changes_no_decision() -> None:
-    """The per-replica signals ignore the gateways entirely; with no gateway view the plans
-    are the ones they always were."""
+def test_a_gateway_view_below_the_slo_changes_no_decision() -> None:
+    """A queue younger than the SLO allows, beside replicas with room, and no managed endpoint
+    to overflow to: the plan is the windowed one it always was (only the episode bookkeeping
+    notes the traffic)."""
     snap = FleetSnapshot((agent("a", 8),), busy(9, "r0"))
     with_view = dataclasses.replace(
-        snap, gateway={"chat": GatewayLoad(queue_depth=50, overflow_tokens_per_s=1e4)}
+        snap,
+        gateway={
+            "chat": GatewayLoad(queue_depth=50, oldest_queued_s=0.4, overflow_tokens_per_s=1e4)
+        },
     )
     plain = plan_step(policy(), snap, CATALOG, PlanInput("chat", SATURATED), 100.0, ids())
     viewed = plan_step(policy(), with_view, CATALOG, PlanInput("chat", SATURATED), 100.0, ids())
-    assert plain == viewed
+    assert plain.episode_started_at is None and viewed.episode_started_at == 100.0
+    assert dataclasses.replace(viewed, episode_started_at=None, episode_seen_at=None) == plain
     assert with_pending(with_view, "chat", [], {"r0"}).gateway == with_view.gateway
