@@ -32,6 +32,7 @@ this module logs a token.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import logging
 import os
@@ -245,17 +246,26 @@ class TokenStore:
 
 
 def add_token(path: Path, principal_id: str, role: Role) -> str:
-    """Create a token for ``principal_id``, store its hash in ``path``, and return the token."""
-    entries: list[dict[str, str]] = []
-    if path.exists():
-        entries = [e.model_dump() for e in load_model(path, _TokensFile).tokens]
-    entries = [e for e in entries if not (e["id"] == principal_id and e["role"] == role)]
-    token = new_token()
-    entries.append({"id": principal_id, "role": role, "sha256": hash_token(token)})
+    """Create a token for ``principal_id``, store its hash in ``path``, and return the token.
+
+    The read, change and replace happen under an exclusive lock on ``PATH.lock``: two
+    schedulers sharing one tokens file (active-active, each issuing tokens for the machines it
+    launches) never lose each other's entries."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        yaml.safe_dump({"tokens": entries}, handle, sort_keys=False)
-    os.replace(tmp, path)
+    lock = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entries: list[dict[str, str]] = []
+        if path.exists():
+            entries = [e.model_dump() for e in load_model(path, _TokensFile).tokens]
+        entries = [e for e in entries if not (e["id"] == principal_id and e["role"] == role)]
+        token = new_token()
+        entries.append({"id": principal_id, "role": role, "sha256": hash_token(token)})
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            yaml.safe_dump({"tokens": entries}, handle, sort_keys=False)
+        os.replace(tmp, path)
+    finally:
+        os.close(lock)  # releases the lock
     return token

@@ -241,3 +241,26 @@ def test_tokens_revoked_on_purpose_take_force(tmp_path: Path) -> None:
     _rewrite(path, b"tokens: []\n")
     assert store.reload() is True
     assert store.authenticate(_bearer(token)) is None
+
+
+def _issue_many(path: str, prefix: str, count: int) -> None:
+    for i in range(count):
+        add_token(Path(path), f"{prefix}-{i}", "agent")
+
+
+def test_two_processes_issuing_tokens_into_one_file_lose_none(tmp_path: Path) -> None:
+    """Two schedulers sharing a tokens file each issue tokens for the machines they launch."""
+    import multiprocessing
+
+    path = tmp_path / "tokens.yaml"
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_issue_many, args=(str(path), name, 25)) for name in ("a", "b")
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    ids = {entry["id"] for entry in yaml.safe_load(path.read_text())["tokens"]}
+    assert ids == {f"{p}-{i}" for p in ("a", "b") for i in range(25)}
