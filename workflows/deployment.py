@@ -2,8 +2,9 @@
 
 Every tick (the report interval, or at once when the policy changes) it asks
 ``plan_deployment`` what to do: the activity reads the live fleet and the policy in force and
-runs the pure autoscaling and placement functions, with the load samples this workflow keeps
-(they survive crashes and continue-as-new, so a restart does not reset a scale-up window). It
+runs the pure autoscaling and placement functions, with the load samples, the overflow
+episodes and the release bookkeeping this workflow keeps (they survive crashes and
+continue-as-new, so a restart resets neither a scale-up window nor what episodes have lasted). It
 then starts a provision child for each new replica and a release child for each replica to
 give back, and counts them as pending until they signal their outcome. Children outlive a
 continue-as-new of this workflow (parent close policy ABANDON) and report to the workflow id,
@@ -104,6 +105,14 @@ class DeploymentWorkflow:
         s.ticks = params.runs
         samples = list(params.samples)
         last_change_at = params.last_change_at
+        carried = PlanOutput(
+            exists=True,
+            now=0.0,
+            episode_started_at=params.episode_started_at,
+            episode_seen_at=params.episode_seen_at,
+            episodes_s=list(params.episodes_s),
+            cheaper_since=list(params.cheaper_since),
+        )
         for _ in range(TICKS_PER_HISTORY):
             plan = await workflow.execute_activity(
                 "plan_deployment",
@@ -114,6 +123,10 @@ class DeploymentWorkflow:
                     list(s.pending),
                     [*s.releasing, *s.released],
                     s.hold_until,
+                    episode_started_at=carried.episode_started_at,
+                    episode_seen_at=carried.episode_seen_at,
+                    episodes_s=list(carried.episodes_s),
+                    cheaper_since=list(carried.cheaper_since),
                 ),
                 result_type=PlanOutput,
                 start_to_close_timeout=timedelta(seconds=30),
@@ -125,6 +138,7 @@ class DeploymentWorkflow:
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 return "the deployment left the policy"
             self.failure_backoff_s = plan.failure_backoff_s
+            carried = plan
             if plan.sample is not None:
                 samples.append(plan.sample)
             samples = trim_samples(samples, plan.now - plan.window_s)
@@ -150,6 +164,10 @@ class DeploymentWorkflow:
                 recent=s.recent,
                 runs=s.ticks,
                 released=s.released,
+                episode_started_at=carried.episode_started_at,
+                episode_seen_at=carried.episode_seen_at,
+                episodes_s=carried.episodes_s,
+                cheaper_since=carried.cheaper_since,
             )
         )
 

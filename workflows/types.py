@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from decisions.plantypes import (
+    CheaperSince,
     OfferChoice,
     PendingReplica,
     PlannedRelease,
@@ -37,6 +38,11 @@ class DeploymentInput:
     recent: list[str] = field(default_factory=list)
     runs: int = 0
     released: list[str] = field(default_factory=list)
+    #: The overflow episodes and the release bookkeeping ``plan_step`` carries between ticks.
+    episode_started_at: float | None = None
+    episode_seen_at: float | None = None
+    episodes_s: list[float] = field(default_factory=list)
+    cheaper_since: list[CheaperSince] = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +105,8 @@ class ProvisionResult:
     #: One line per offer tried or step failed, in order.
     attempts: list[str] = field(default_factory=list)
     error: str = ""
+    #: The machine was a stopped one of the warm pool, started again (not launched).
+    warm: bool = False
 
 
 @dataclass
@@ -154,6 +162,46 @@ class TerminateInput:
 class TerminateOutput:
     key: str
     terminated: bool
+
+
+@dataclass
+class WarmStartInput:
+    """Start a stopped machine of the deployment's warm pool for the provision ``claim``."""
+
+    deployment: str
+    #: The provision's workflow id: written on the machine before it is started.
+    claim: str
+
+
+@dataclass
+class WarmStartOutput:
+    #: The machine started (None: none fit; the provision launches a new one).
+    machine: LaunchOutput | None = None
+    usd_per_hour: float = 0.0
+    #: What happened, for the provision's attempts.
+    note: str = ""
+
+
+@dataclass
+class ReleaseMachineInput:
+    """Stop (into the warm pool) or terminate the machine of a released replica."""
+
+    cloud: str
+    key: str
+    deployment: str
+    replica_id: str
+    #: When it was released (workflow time): the warm label's value, the same on every retry.
+    since: float
+    reason: str = ""
+
+
+@dataclass
+class ReleaseMachineOutput:
+    key: str
+    stopped: bool = False
+    terminated: bool = False
+    #: What happened to the machine and why, in a few words.
+    outcome: str = ""
 
 
 # -- node activities (run by the agent's worker on ``agent-<id>``) ------------------------------
@@ -237,6 +285,10 @@ class ReleaseResult:
     reason: str = ""
     #: Requests the gateways still had in flight to the replica when its drain began.
     gateway_in_flight: int = 0
+    #: The machine was stopped into the warm pool (not terminated).
+    stopped: bool = False
+    #: What happened to the machine, for the deployment's events ("" before the warm pool).
+    machine: str = ""
 
 
 @dataclass
@@ -247,6 +299,9 @@ class ManagedMachine:
     region: str
     #: Why it is not a leak; empty when nobody owns it.
     owner: str = ""
+    #: Why it must be terminated now whoever owns it (a warm machine past its pool's
+    #: bounds); empty otherwise.
+    expire: str = ""
 
 
 @dataclass
