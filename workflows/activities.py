@@ -1,5 +1,5 @@
 """The control plane's activities: plan, launch, wait for agents and replicas, drain at the
-gateways, terminate, list.
+gateways, terminate, list, and the warm pool's (stop a released machine, start a stopped one).
 
 They run in the scheduler process (task queue ``spillway-control``), next to the fleet state
 the gRPC server keeps, the policy in force and the provider adapters. Cloud SDK calls block, so
@@ -34,9 +34,31 @@ from decisions.fleetview import ReplicaState
 from decisions.planning import plan_step
 from decisions.plantypes import PlanInput, PlanOutput, Timeouts
 from decisions.policy import resolve_lock, spill_providers
-from providers.base import INSTANCE_TYPE_LABEL, KEY_LABEL, CapacityMemory, LaunchRequest, Provider
+from decisions.warmpool import (
+    WarmMachine,
+    expired,
+    owner_workflow,
+    pool_of,
+    price_of,
+    release_action,
+    reusable,
+    same_label,
+    warm_machine,
+)
+from providers.base import (
+    CLAIM_LABEL,
+    DEPLOYMENT_LABEL,
+    INSTANCE_TYPE_LABEL,
+    KEY_LABEL,
+    WARM_LABEL,
+    CapacityMemory,
+    Instance,
+    LaunchRequest,
+    Provider,
+)
 from providers.catalog import Catalog
 from providers.errors import (
+    CannotStopError,
     CapacityError,
     ProviderError,
     QuotaError,
@@ -56,12 +78,16 @@ from workflows.types import (
     LaunchInput,
     LaunchOutput,
     ManagedMachine,
+    ReleaseMachineInput,
+    ReleaseMachineOutput,
     TerminateInput,
     TerminateOutput,
     WaitAgentInput,
     WaitAgentOutput,
     WaitReplicaInput,
     WaitReplicaOutput,
+    WarmStartInput,
+    WarmStartOutput,
 )
 
 log = logging.getLogger(__name__)
@@ -116,6 +142,8 @@ class ControlActivities:
 
     def __init__(self, plane: ControlPlane) -> None:
         self.plane = plane
+        #: Taking a machine out of the warm pool is one step at a time in this process.
+        self._claim_lock = asyncio.Lock()
 
     def all(self) -> list[Callable[..., Any]]:
         return [
@@ -126,6 +154,8 @@ class ControlActivities:
             self.drain_at_gateways,
             self.terminate_instance,
             self.find_machines,
+            self.release_machine,
+            self.start_warm_machine,
         ]
 
     def _provider(self, cloud: str) -> Provider:
@@ -240,7 +270,7 @@ class ControlActivities:
             image=self.plane.images.get(offer.cloud, ""),
             allowed_regions=allowed,
             labels={
-                "spillway-deployment": request.deployment,
+                DEPLOYMENT_LABEL: request.deployment,
                 INSTANCE_TYPE_LABEL: offer.instance_type,
             },
             zones=tuple(offer.zones),
@@ -410,31 +440,199 @@ class ControlActivities:
                 if replica.deployment in policy.deployments:
                     serving[key] = f"serves {replica.deployment} ({replica.replica_id})"
         out = FindMachinesOutput(now=time.time())
-        for cloud, provider in sorted(plane.providers.items()):
-            try:
-                found = await _heartbeating(provider.list_managed, f"listing {cloud}")
-            except ProviderError as exc:
-                out.errors.append(f"{cloud}: {exc}")
-                continue
-            for instance in found:
+        listed = await self._managed(sorted(plane.providers), out.errors)
+        warm = {w.key: w for w in (warm_machine(i) for i in listed) if w is not None}
+        expire = expired(warm.values(), policy, out.now)
+        for instance in listed:
+            pooled = warm.get(instance.key)
+            if pooled is not None:
+                owner = f"warm pool of {pooled.deployment} since {pooled.since:.0f}"
+            else:
                 owner = serving.get(instance.key, "")
-                if not owner:
-                    owner = await self._provision_owner(instance.key)
-                out.machines.append(
-                    ManagedMachine(
-                        instance.cloud, instance.key, instance.instance_id, instance.region, owner
-                    )
+            if not owner:
+                owner = await self._provision_owner(owner_workflow(instance))
+            out.machines.append(
+                ManagedMachine(
+                    instance.cloud,
+                    instance.key,
+                    instance.instance_id,
+                    instance.region,
+                    owner,
+                    expire=expire.get(instance.key, ""),
                 )
+            )
         return out
 
-    async def _provision_owner(self, key: str) -> str:
-        """ "provision W runs" when the workflow that launched ``key`` is still running."""
+    async def _managed(self, clouds: list[str], errors: list[str] | None = None) -> list[Instance]:
+        """Every managed machine of ``clouds``; a cloud that cannot be listed is skipped (and
+        named in ``errors``)."""
+        found: list[Instance] = []
+        for cloud in clouds:
+            provider = self.plane.providers.get(cloud)
+            if provider is None:
+                continue
+            try:
+                found.extend(await _heartbeating(provider.list_managed, f"listing {cloud}"))
+            except ProviderError as exc:
+                if errors is not None:
+                    errors.append(f"{cloud}: {exc}")
+        return found
+
+    async def _provision_owner(self, workflow_id: str) -> str:
+        """ "provision W runs" when that provision workflow is still running."""
         client = self.plane.client
-        workflow_id = key.rsplit(".", 1)[0]
-        if client is None or not key.startswith("provision-"):
+        if client is None or not workflow_id.startswith("provision-"):
             return ""
         with contextlib.suppress(Exception):
             described = await client.get_workflow_handle(workflow_id).describe()
             if described.status == WorkflowExecutionStatus.RUNNING:
                 return f"provision {workflow_id} runs"
         return ""
+
+    # -- the warm pool -----------------------------------------------------------------------
+
+    @activity.defn(name="release_machine")
+    async def release_machine(self, request: ReleaseMachineInput) -> ReleaseMachineOutput:
+        """Stop a released replica's machine into its deployment's warm pool, or terminate it.
+
+        Stopped when the policy in force says ``release: stop``, the machine can be stopped and
+        the pool has room (:func:`decisions.warmpool.release_action`); terminated otherwise,
+        with the reason. The warm label (written before the stop) carries the release's own
+        time, so a retry that finds it goes on stopping; a machine another provision has taken
+        out of the pool since is left alone.
+        """
+        provider = self._provider(request.cloud)
+        key = request.key
+        out = ReleaseMachineOutput(key)
+        instance = await self._cloud(lambda: provider.describe(key), f"finding {key}")
+        if instance is None:
+            out.terminated = True
+            out.outcome = "machine already gone"
+            return out
+        since = str(int(request.since))
+        mine = instance.label(WARM_LABEL) == since or same_label(
+            owner_workflow(instance), f"provision-{request.replica_id}"
+        )
+        if not mine:
+            out.outcome = (
+                f"machine {instance.instance_id} left as it is: {owner_workflow(instance)} "
+                "has taken it from the warm pool since"
+            )
+            return out
+        dep = self.plane.policies.policy.deployments.get(request.deployment)
+        warm = dep.spillover.warm() if dep is not None else None
+        kept = 0
+        if warm is not None and not instance.cannot_stop:
+            pool = pool_of(await self._warm_machines(), request.deployment)
+            kept = len([m for m in pool if m.key != key])
+        why = release_action(warm, instance.cannot_stop, kept, request.deployment)
+        if not why:
+            try:
+                await self._cloud(
+                    lambda: provider.set_labels(key, {WARM_LABEL: since, CLAIM_LABEL: None}),
+                    f"marking {key} warm",
+                )
+                await self._cloud(lambda: provider.stop(key), f"stopping {key}")
+            except ApplicationError as exc:
+                if not exc.non_retryable:
+                    raise
+                why = f"it could not be stopped ({exc.message})"
+            else:
+                out.stopped = True
+                out.outcome = f"machine {instance.instance_id} stopped into the warm pool"
+                log.info("stopped %s on %s: %s", key, request.cloud, request.reason)
+                return out
+        await self._cloud(lambda: provider.terminate(key), f"terminating {key}")
+        out.terminated = True
+        out.outcome = f"machine terminated: {why}"
+        log.info("terminated %s on %s: %s; %s", key, request.cloud, request.reason, why)
+        return out
+
+    @activity.defn(name="start_warm_machine")
+    async def start_warm_machine(self, request: WarmStartInput) -> WarmStartOutput:
+        """Start a stopped machine of the deployment's warm pool for the provision
+        ``request.claim``, or say why none was started (the provision then launches).
+
+        The claim (the provision's workflow id) is written on the machine before it is
+        started, so a retry finds and starts the same machine; a machine that cannot be
+        started now (no capacity) goes back into the pool.
+        """
+        plane = self.plane
+        policy = plane.policies.policy
+        dep = policy.deployments.get(request.deployment)
+        out = WarmStartOutput()
+        if dep is None or not dep.spillover.enabled:
+            out.note = "the policy in force lets it rent nothing"
+            return out
+        clouds = [c for c in spill_providers(policy, dep) if c in plane.providers]
+        async with self._claim_lock:
+            listed = await self._managed(clouds)
+            chosen = next(
+                (i for i in listed if same_label(i.label(CLAIM_LABEL), request.claim)), None
+            )
+            since = time.time()
+            if chosen is None:
+                warm = [w for w in (warm_machine(i) for i in listed) if w is not None]
+                lock = resolve_lock(policy, dep, plane.catalog)
+                fits = reusable(warm, request.deployment, dep, lock, plane.catalog, clouds)
+                if not fits:
+                    out.note = "no stopped machine of the warm pool fits"
+                    return out
+                pick = fits[0]
+                since = pick.since
+                chosen = next(i for i in listed if i.key == pick.key)
+                await self._cloud(
+                    lambda: plane.providers[pick.cloud].set_labels(
+                        pick.key, {CLAIM_LABEL: request.claim, WARM_LABEL: None}
+                    ),
+                    f"claiming {pick.key}",
+                )
+        provider = plane.providers[chosen.cloud]
+        key = chosen.key
+        try:
+            started = await self._cloud(lambda: provider.start(key), f"starting {key}")
+        except ApplicationError as exc:
+            if not exc.non_retryable:
+                raise  # retried: the claim brings the retry back to this machine
+            await self._cloud(
+                lambda: provider.set_labels(key, {WARM_LABEL: str(int(since)), CLAIM_LABEL: None}),
+                f"returning {key} to the warm pool",
+            )
+            out.note = f"warm machine {chosen.instance_id} did not start ({exc.message})"
+            return out
+        if started is None:
+            out.note = f"warm machine {chosen.instance_id} is gone"
+            return out
+        out.machine = LaunchOutput(
+            key=key,
+            cloud=started.cloud,
+            instance_id=started.instance_id,
+            region=started.region,
+            zone=started.zone,
+            instance_type=started.instance_type,
+        )
+        out.usd_per_hour = price_of(
+            plane.catalog, started.cloud, started.instance_type, started.region
+        )
+        out.note = (
+            f"started warm machine {started.instance_id} ({started.cloud} "
+            f"{started.instance_type} in {started.region})"
+        )
+        log.info("%s for %s (%s)", out.note, request.deployment, request.claim)
+        return out
+
+    async def _warm_machines(self) -> list[WarmMachine]:
+        listed = await self._managed(sorted(self.plane.providers))
+        return [w for w in (warm_machine(i) for i in listed) if w is not None]
+
+    async def _cloud(self, func: Callable[[], T], what: str) -> T:
+        """A provider call in a thread, heartbeating; its errors as application errors (only
+        a transient one, or one that a later try may get past, is retried)."""
+        try:
+            return await _heartbeating(func, what)
+        except (CannotStopError, CapacityError, QuotaError) as exc:
+            raise refusal(exc) from exc
+        except TransientError as exc:
+            raise refusal(exc) from exc
+        except ProviderError as exc:
+            raise ApplicationError(str(exc), type=type(exc).__name__) from exc

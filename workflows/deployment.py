@@ -87,7 +87,9 @@ class DeploymentWorkflow:
     def release_finished(self, result: ReleaseResult) -> None:
         self.status.releasing = [r for r in self.status.releasing if r != result.replica_id]
         self.status.released = [*self.status.released, result.replica_id][-RECENT_EVENTS:]
-        machine = "machine terminated" if result.terminated else "no machine to give back"
+        machine = result.machine or (
+            "machine terminated" if result.terminated else "no machine to give back"
+        )
         self._event(f"{result.replica_id} released ({result.drained}; {machine})")
         self.wake = True
 

@@ -1,6 +1,8 @@
 """The provision workflow: one new replica of a deployment, on reserved GPUs or a rented machine.
 
-For a cloud placement it walks the offers it was given, in order: launch with an idempotency
+For a cloud placement it first starts a stopped machine of the deployment's warm pool, when one
+fits (``start_warm_machine``; its disk still holds the weights, so the prefetch finds them
+complete), and otherwise walks the offers it was given, in order: launch with an idempotency
 key derived from its own workflow id and the offer's position (so a retried or replayed launch
 finds the machine the first attempt created), and on a capacity, quota or SKU error moves to
 the next offer. Then it waits for the machine's agent to register, prefetches the weights and
@@ -39,6 +41,8 @@ with workflow.unsafe.imports_passed_through():
         WaitAgentInput,
         WaitAgentOutput,
         WaitReplicaInput,
+        WarmStartInput,
+        WarmStartOutput,
     )
 
 #: Retries of control-plane steps: transient failures only (the rest are non-retryable).
@@ -111,7 +115,12 @@ class ProvisionWorkflow:
 
     async def _on_cloud(self, params: ProvisionInput, result: ProvisionResult) -> None:
         t = params.timeouts
-        launched = await self._launch(params, result)
+        launched = None
+        # Provisions started before the warm pool existed replay without this step.
+        if workflow.patched("warm-pool-start"):
+            launched = await self._start_warm(params, result)
+        if launched is None:
+            launched = await self._launch(params, result)
         try:
             self.step = f"waiting for the agent on {launched.instance_id}"
             agent = await workflow.execute_activity(
@@ -142,6 +151,37 @@ class ProvisionWorkflow:
                 retry_policy=FOREVER,
             )
             raise StepFailed(reason) from None
+
+    async def _start_warm(
+        self, params: ProvisionInput, result: ProvisionResult
+    ) -> LaunchOutput | None:
+        """A stopped machine of the deployment's warm pool, started again; None when there is
+        none to start (then a new one is launched)."""
+        self.step = "starting a stopped machine of the warm pool"
+        try:
+            warm = await workflow.execute_activity(
+                "start_warm_machine",
+                WarmStartInput(params.template.deployment, workflow.info().workflow_id),
+                result_type=WarmStartOutput,
+                start_to_close_timeout=timedelta(minutes=20),
+                heartbeat_timeout=timedelta(seconds=params.timeouts.heartbeat_s),
+                retry_policy=STEADY,
+            )
+        except ActivityError as exc:
+            result.attempts.append("warm pool: " + ": ".join(describe_failure(exc)))
+            return None
+        if warm.note:
+            result.attempts.append(f"warm pool: {warm.note}")
+        machine: LaunchOutput | None = warm.machine
+        if machine is None:
+            return None
+        result.cloud = machine.cloud
+        result.key = machine.key
+        result.instance_type = machine.instance_type
+        result.region = machine.region
+        result.usd_per_hour = warm.usd_per_hour
+        result.warm = True
+        return machine
 
     async def _launch(self, params: ProvisionInput, result: ProvisionResult) -> LaunchOutput:
         t = params.timeouts

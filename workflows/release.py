@@ -1,11 +1,13 @@
-"""The release workflow: drain one spilled replica, then give its machine back.
+"""The release workflow: drain one spilled replica, then give its machine back: terminated, or
+stopped into its deployment's warm pool when the policy says ``release: stop``.
 
 First the gateways stop routing to it: ``drain_at_gateways`` (a control activity) shows it
 DRAINING in every fleet watch and waits, at most the drain timeout, until no gateway has a
 request in flight to it. Then draining runs on the agent's task queue (stop routing, let
 in-flight requests finish, SIGTERM). An agent that no longer polls (its machine died) cannot
-drain; after a minute the workflow moves on. Terminating is retried until it succeeds: a
-machine is never left running because a cloud API call failed once. Replicas on machines
+drain; after a minute the workflow moves on. Giving the machine back (``release_machine``, which
+decides from the policy in force whether to stop or terminate it) is retried until it succeeds:
+a machine is never left running because a cloud API call failed once. Replicas on machines
 Spillway did not rent (reserved GPUs) are only drained; placement never releases those to save
 money.
 
@@ -26,6 +28,8 @@ with workflow.unsafe.imports_passed_through():
         DrainAtGatewaysOutput,
         DrainReplicaArgs,
         ReleaseInput,
+        ReleaseMachineInput,
+        ReleaseMachineOutput,
         ReleaseResult,
         TerminateInput,
     )
@@ -70,7 +74,27 @@ class ReleaseWorkflow:
         except ActivityError as exc:
             kind, message = describe_failure(exc)
             result.drained = f"not drained ({kind}: {message})"
-        if release.key:
+        if release.key and workflow.patched("warm-pool-release"):
+            # Stopped into the warm pool or terminated, as the policy in force says.
+            machine = await workflow.execute_activity(
+                "release_machine",
+                ReleaseMachineInput(
+                    release.cloud,
+                    release.key,
+                    params.deployment,
+                    release.replica_id,
+                    since=workflow.now().timestamp(),
+                    reason=release.reason,
+                ),
+                result_type=ReleaseMachineOutput,
+                start_to_close_timeout=timedelta(minutes=20),
+                heartbeat_timeout=timedelta(seconds=t.heartbeat_s),
+                retry_policy=FOREVER,
+            )
+            result.terminated = machine.terminated
+            result.stopped = machine.stopped
+            result.machine = machine.outcome
+        elif release.key:
             await workflow.execute_activity(
                 "terminate_instance",
                 TerminateInput(release.cloud, release.key, release.reason),
