@@ -9,7 +9,11 @@ policy (and the sweeper), and signals them when a new policy is loaded. An inval
 policy never gets this far: the policy store keeps the old one.
 
 Workflow ids are fixed (``deployment-NAME``, ``spillway-sweeper``), so a restarted scheduler
-finds the workflows it started before instead of starting a second set.
+finds the workflows it started before instead of starting a second set. Several schedulers
+(active-active) each do the same on one task queue: a start finds the running workflow
+(``USE_EXISTING``) and starting twice is harmless; any of their workers may run any task, each
+answering from its own fleet state, which is whole because every agent reports to every
+scheduler.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
@@ -169,6 +174,18 @@ def images(config: SchedulerConfig) -> dict[str, str]:
     return out
 
 
+def sticky_timeout(decide_every_s: float) -> timedelta:
+    """How long a workflow task waits for the worker that ran the workflow last.
+
+    Several schedulers poll the same task queue (active-active), and each caches the workflows
+    it ran; the next task of a workflow goes to that worker first. When that scheduler is
+    killed (no goodbye to Temporal), the task waits this long before any worker may take it, so
+    it bounds how long a deployment's decisions pause: half a decision interval (at least
+    0.2 s, at most the SDK's 10 s). A live worker that misses it costs one replay, nothing else.
+    """
+    return timedelta(seconds=min(10.0, max(0.2, decide_every_s / 2)))
+
+
 @dataclass
 class ControlHost:
     """A running control plane: the worker, and the workflows kept in step with the policy."""
@@ -190,6 +207,7 @@ class ControlHost:
             workflows=WORKFLOWS,
             activities=ControlActivities(self.plane).all(),
             interceptors=list(self.interceptors),
+            sticky_queue_schedule_to_start_timeout=sticky_timeout(self.plane.decide_every_s),
         )
         self._tasks.append(asyncio.create_task(self._worker.run(), name="control worker"))
         await self.ensure_workflows()
