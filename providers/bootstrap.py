@@ -95,8 +95,9 @@ class BootstrapSpec:
     pool: str
     region: str
     allowed_regions: tuple[str, ...]
-    scheduler_address: str
+    scheduler_address: str  # "" with scheduler_addresses
     token_source: TokenSource
+    scheduler_addresses: tuple[str, ...] = ()
     append_instance_id: bool = False
     zone: str = ""
     residency_group: str = ""
@@ -144,8 +145,18 @@ def check(spec: BootstrapSpec) -> None:
         problems.append("pool and region must be 1-63 characters")
     if len(spec.zone) > 63 or len(spec.residency_group) > 63:
         problems.append("zone and residency_group must be at most 63 characters")
-    if not _HOST_PORT.match(spec.scheduler_address):
+    if spec.scheduler_address and not _HOST_PORT.match(spec.scheduler_address):
         problems.append("scheduler_address must be host:port, e.g. scheduler.internal:50051")
+    addresses = spec.scheduler_addresses
+    if not all(_HOST_PORT.match(address) for address in addresses):
+        problems.append("scheduler_addresses must each be host:port")
+    if len(set(addresses)) != len(addresses):
+        problems.append("scheduler_addresses must name each scheduler once")
+    if bool(spec.scheduler_address) == bool(addresses):
+        problems.append(
+            "set scheduler_address (one scheduler) or scheduler_addresses (several),"
+            " exactly one of them"
+        )
     if spec.temporal_address and not _HOST_PORT.match(spec.temporal_address):
         problems.append("temporal_address must be empty or host:port, e.g. temporal.internal:7233")
     if not spec.temporal_namespace:
@@ -223,7 +234,15 @@ def agent_config(spec: BootstrapSpec) -> dict[str, object]:
         temporal = {"address": spec.temporal_address, "namespace": spec.temporal_namespace}
     return {
         "agent_id": spec.agent_id,
-        "scheduler": {"address": spec.scheduler_address, "token_file": TOKEN_FILE, "tls": tls},
+        "scheduler": {
+            "token_file": TOKEN_FILE,
+            "tls": tls,
+            **(
+                {"addresses": list(spec.scheduler_addresses)}
+                if spec.scheduler_addresses
+                else {"address": spec.scheduler_address}
+            ),
+        },
         "labels": {
             "pool": spec.pool,
             "provider": spec.cloud,

@@ -115,7 +115,8 @@ CASES: dict[str, dict[str, Any]] = {
         "pool": "reserved-eu",
         "region": "eu-frankfurt",
         "allowed_regions": ["eu-frankfurt"],
-        "scheduler_address": "scheduler.internal:50051",
+        "scheduler_address": "",
+        "scheduler_addresses": ["cp-eu-1.internal:50051", "cp-eu-2.internal:50051"],
         "token_source": {"kind": "file", "ref": "/etc/spillway/agent.token"},
         "temporal_address": "temporal.internal:7233",
         "temporal_namespace": "spillway-prod",
@@ -163,6 +164,8 @@ def spec_from(inputs: dict[str, Any]) -> BootstrapSpec:
         if name in inputs:
             fields[name] = TokenSource(**inputs[name])
     fields["allowed_regions"] = tuple(inputs["allowed_regions"])
+    fields["scheduler_addresses"] = tuple(inputs.get("scheduler_addresses", ()))
+    fields.setdefault("scheduler_address", "")
     fields["static_gpus"] = tuple(StaticGpu(**gpu) for gpu in inputs.get("static_gpus", []))
     if "system_packages" in inputs:
         fields["system_packages"] = tuple(inputs["system_packages"])
@@ -286,7 +289,14 @@ def test_embedded_agent_config_is_valid(applied: dict[str, Any], case: str, tmp_
     assert config.labels.region == inputs["region"]
     assert config.labels.pool == inputs["pool"]
     assert config.labels.extra == inputs.get("extra_labels", {})
-    assert config.scheduler.address == inputs["scheduler_address"]
+    if inputs.get("scheduler_addresses"):
+        assert config.scheduler.address is None
+        assert config.scheduler.addresses == inputs["scheduler_addresses"]
+        # Left out, not null: an older agent would refuse a key it does not know.
+        assert "address" not in json.loads(text)["scheduler"]
+    else:
+        assert config.scheduler.address == inputs["scheduler_address"]
+        assert "addresses" not in json.loads(text)["scheduler"]
     assert str(config.scheduler.token_file) == "/run/spillway/token"
     assert (config.scheduler.tls is not None) == ("scheduler_ca_pem" in inputs)
     assert (config.temporal is not None) == ("temporal_address" in inputs)
@@ -362,6 +372,21 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], str]] = {
     "bad_scheduler_address": (
         {"scheduler_address": "scheduler.internal"},
         "The scheduler_address must be host:port",
+    ),
+    "both_scheduler_address_forms": (
+        {"scheduler_addresses": ["cp-1.internal:50051"]},
+        "set scheduler_address (one scheduler) or scheduler_addresses (several), exactly one",
+    ),
+    "no_scheduler_address": (
+        {"scheduler_address": None},
+        "set scheduler_address (one scheduler) or scheduler_addresses (several), exactly one",
+    ),
+    "duplicate_scheduler_addresses": (
+        {
+            "scheduler_address": None,
+            "scheduler_addresses": ["cp-1.internal:50051", "cp-1.internal:50051"],
+        },
+        "The scheduler_addresses must each be host:port, each once",
     ),
     "temporal_cert_without_key": (
         {

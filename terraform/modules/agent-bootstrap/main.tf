@@ -10,16 +10,21 @@ locals {
   ca_file    = "/run/spillway/scheduler-ca.pem"
   state_dir  = "/var/lib/spillway/state"
 
+  # address for one scheduler, addresses for several: the other key is left out.
+  scheduler_target = {
+    for key, value in { address = var.scheduler_address, addresses = var.scheduler_addresses } :
+    key => value if length(value) > 0
+  }
+
   agent_config = {
     agent_id = var.agent_id
-    scheduler = {
-      address    = var.scheduler_address
+    scheduler = merge(local.scheduler_target, {
       token_file = local.token_file
       tls = var.scheduler_ca_pem == "" ? null : {
         ca_file     = local.ca_file
         server_name = var.scheduler_server_name == "" ? null : var.scheduler_server_name
       }
-    }
+    })
     labels = {
       pool            = var.pool
       provider        = var.cloud
@@ -76,6 +81,7 @@ locals {
     var.gpu_discovery != "static" || length(var.static_gpus) > 0 ? "" : "gpu_discovery is static: set static_gpus to the GPUs of these machines",
     var.reconnect_max_backoff_s >= var.reconnect_initial_backoff_s ? "" : "reconnect_max_backoff_s must be at least reconnect_initial_backoff_s",
     var.wheel_url == "" || var.package_version == "" ? "" : "set either wheel_url or package_version, not both",
+    (var.scheduler_address == "") != (length(var.scheduler_addresses) == 0) ? "" : "set scheduler_address (one scheduler) or scheduler_addresses (several), exactly one of them",
     (var.temporal_client_cert_source == null) == (var.temporal_client_key_source == null) ? "" : "set temporal_client_cert_source and temporal_client_key_source together (mutual TLS needs both)",
     var.temporal_address != "" || !local.temporal_extras ? "" : "the temporal_* connection settings need temporal_address: set it to the Temporal frontend's host:port",
   ])

@@ -83,12 +83,24 @@ variable "extra_labels" {
 }
 
 variable "scheduler_address" {
-  description = "host:port of the scheduler's gRPC endpoint, reachable from the machines (agents only dial out)."
+  description = "host:port of the scheduler's gRPC endpoint, reachable from the machines (agents only dial out). Empty: set scheduler_addresses instead."
   type        = string
+  default     = ""
 
   validation {
-    condition     = can(regex("^(\\[[0-9a-fA-F:]+\\]|[A-Za-z0-9.-]+):[0-9]{1,5}$", var.scheduler_address))
+    condition     = var.scheduler_address == "" || can(regex("^(\\[[0-9a-fA-F:]+\\]|[A-Za-z0-9.-]+):[0-9]{1,5}$", var.scheduler_address))
     error_message = "The scheduler_address must be host:port, e.g. \"scheduler.internal:50051\"."
+  }
+}
+
+variable "scheduler_addresses" {
+  description = "host:port of every scheduler when several run active-active (instead of scheduler_address): the agent reports to each of them. One token and one TLS setting serve all."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = length(distinct(var.scheduler_addresses)) == length(var.scheduler_addresses) && alltrue([for address in var.scheduler_addresses : can(regex("^(\\[[0-9a-fA-F:]+\\]|[A-Za-z0-9.-]+):[0-9]{1,5}$", address))])
+    error_message = "The scheduler_addresses must each be host:port, each once, e.g. [\"cp-1.internal:50051\", \"cp-2.internal:50051\"]."
   }
 }
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Boot helper for a Spillway agent machine, run by cloud-init and by systemd.
+"""Boot helper for a Spillway machine (an agent's or the control plane's), run by systemd.
 
 ``install`` (systemd, as root, before every start of ``spillway-agent.service``; does nothing
-once the agent is installed): create ``/opt/spillway/venv`` and install ``spillway[agent]`` from
-the wheel URL or the package index named in ``/etc/spillway/bootstrap.json``.
+once the agent is installed): create ``/opt/spillway/venv`` and install ``spillway[agent]`` (or
+the extras ``bootstrap.json`` names) from the wheel URL or the package index named in
+``/etc/spillway/bootstrap.json``.
 
 ``install`` also installs SGLang (the ``sglang`` extra) when ``bootstrap.json`` sets
 ``install_sglang`` and the venv's interpreter cannot ``import sglang``: images that ship SGLang
@@ -18,11 +19,15 @@ Temporal frontend, its client certificate, client key and API key are fetched th
 (``/run/spillway/temporal-*``, mode 0400) and the config's ``temporal:`` section is completed:
 ``tls`` (CA, certificate, key, server name), ``api_key_file`` and ``identity`` (the agent id).
 
-This file is embedded in the cloud-init user data that both the ``agent-bootstrap`` Terraform
-module and ``providers.bootstrap`` render, so it uses the standard library only (it runs before
-the agent is installed). It must never print, log or persist a secret (the token, the Temporal
-key or API key) outside ``/run``, and it must not accept a secret's value from its settings: only
-a reference to where the secret lives.
+``fetch --part P`` (systemd, as root, before every start of the scheduler or the gateway of a
+control-plane machine): write the files ``bootstrap.json``'s ``files.P`` lists into the unit's
+runtime directory, each secret fetched by reference the way the agent's token is.
+
+This file is embedded in the cloud-init user data that the ``agent-bootstrap`` and
+``control-plane`` Terraform modules and ``providers.bootstrap`` render, so it uses the standard
+library only (it runs before Spillway is installed). It must never print, log or persist a
+secret (a token, a key, an API key) outside ``/run``, and it must not accept a secret's value
+from its settings: only a reference to where the secret lives.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
+import fcntl
 import hashlib
 import hmac
 import json
@@ -423,6 +429,56 @@ def prepare(settings_path: Path, config_path: Path, run_dir: Path, user: str) ->
     _write_private(run_dir / "agent.yaml", text, 0o440, uid, gid)
 
 
+# --- the control plane's secrets ------------------------------------------------------------
+
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def fetch_files(settings: dict[str, Any], part: str, run_dir: Path, user: str) -> list[Path]:
+    """Write the files ``settings['files'][part]`` lists into ``run_dir`` (the unit's tmpfs).
+
+    Each entry is ``{name, content}`` for public text (a CA certificate; mode 0444) or
+    ``{name, field, what, format, source}`` for a secret fetched by reference like the agent's
+    token (mode 0400; ``format``: ``word``, ``pem`` or ``text``). Every secret is fetched
+    before any file is written.
+    """
+    entries = settings["files"][part]
+    entry = pwd.getpwnam(user)
+    contents: list[tuple[str, str, int]] = []
+    for item in entries:
+        name = item["name"]
+        if not _FILE_NAME.match(name):
+            raise BootError(f"files.{part}: {name!r} is not a plain file name")
+        if "content" in item:
+            contents.append((name, item["content"], 0o444))
+            continue
+        field, what, form = item["field"], item["what"], item["format"]
+        reference = {
+            field: item["source"],
+            "identity_client_id": settings.get("identity_client_id"),
+        }
+        if form == "word":
+            value = read_word(reference, field, what) + "\n"
+        elif form == "pem":
+            value = read_pem(reference, field, what)
+        elif form == "text":
+            value = fetch_secret(reference, field, what)
+            if not value:
+                raise BootError(
+                    f"{what} in {item['source']['kind']} {item['source']['ref']} is empty"
+                )
+            value += "\n"
+        else:
+            raise BootError(f"files.{part}: format {form!r} is not word, pem or text")
+        contents.append((name, value, 0o400))
+    run_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name, value, mode in contents:
+        _write_private(run_dir / name, value, mode, entry.pw_uid, entry.pw_gid)
+        written.append(run_dir / name)
+    return written
+
+
 def pip_command(package: dict[str, str], venv: Path, extras: str = "agent") -> list[str]:
     """The pip command line that installs ``spillway[extras]`` as ``package`` says."""
     requirement = f"spillway[{extras}]"
@@ -451,6 +507,16 @@ def install(settings_path: Path, venv: Path) -> None:
     """
     settings = json.loads(settings_path.read_text(encoding="utf-8"))
     want_sglang = bool(settings.get("install_sglang"))
+    if (venv / "bin" / "spillway").exists() and not want_sglang:
+        return
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    # Units that share the venv (the scheduler's and the gateway's) install one at a time.
+    with open(venv.parent / ".spillway-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _install_locked(settings, venv, want_sglang)
+
+
+def _install_locked(settings: dict[str, Any], venv: Path, want_sglang: bool) -> None:
     installed = (venv / "bin" / "spillway").exists()
     if installed and not want_sglang:
         return
@@ -459,10 +525,11 @@ def install(settings_path: Path, venv: Path) -> None:
         if want_sglang:
             create.insert(3, "--system-site-packages")
         subprocess.run(create, check=True)
-    extras = "agent"
+    base = settings.get("extras") or "agent"
+    extras = base
     if want_sglang and not importable(venv, "sglang"):
-        extras = "agent,sglang"
-    if installed and extras == "agent":
+        extras = f"{base},sglang"
+    if installed and extras == base:
         return
     command = pip_command(settings["package"], venv, extras)
     delay = 5.0
@@ -477,7 +544,8 @@ def install(settings_path: Path, venv: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spillway-boot", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["install", "prepare"])
+    parser.add_argument("command", choices=["install", "prepare", "fetch"])
+    parser.add_argument("--part", default="", help="fetch: which list of files (scheduler, ...)")
     parser.add_argument("--settings", type=Path, default=SETTINGS)
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR)
@@ -487,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "install":
             install(args.settings, args.venv)
+        elif args.command == "fetch":
+            settings = json.loads(args.settings.read_text(encoding="utf-8"))
+            fetch_files(settings, args.part, args.run_dir, args.user)
         else:
             prepare(args.settings, args.config, args.run_dir, args.user)
     except (BootError, OSError, KeyError, ValueError, subprocess.CalledProcessError) as exc:
