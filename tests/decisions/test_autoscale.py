@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from decisions.autoscale import Sample, decide, signal
+from decisions.autoscale import Sample, decide, fast_signal, signal
 from decisions.fleetview import FleetSnapshot, GatewayLoad, ReplicaState, ReplicaView
 from decisions.policy import Deployment
 
@@ -84,3 +84,42 @@ def test_scale_up_from_zero_replicas() -> None:
     decision = decide("chat", dep, 0, flat(10, 0, 100), 100.0)
     assert decision.desired == 2, decision.reason  # ceil(10 / 4) = 3, at most 2 a step
     assert decide("chat", dep, 0, flat(0, 0, 400), 400.0).desired == 0  # quiet: stays at zero
+
+
+def _slo(dep: Deployment, cap: int | None = None) -> Deployment:
+    gateway = dep.gateway.model_copy(update={"max_concurrency_per_replica": cap})
+    slo = dep.slo.model_copy(update={"ttft_s": 2.0, "saturated_queue_age": 0.25})
+    return dep.model_copy(update={"slo": slo, "gateway": gateway})
+
+
+def test_a_queue_older_than_its_share_of_the_ttft_target_is_saturation_now() -> None:
+    # 0.25 x 2 s = 0.5 s: 0.6 s is over it, 0.4 s is not.
+    dep = _slo(DEP)
+    healthy = (ReplicaView("r0", "chat", "a", ReplicaState.HEALTHY),)
+    old = FleetSnapshot((), healthy, {"chat": GatewayLoad(queue_depth=3, oldest_queued_s=0.6)})
+    young = FleetSnapshot((), healthy, {"chat": GatewayLoad(queue_depth=3, oldest_queued_s=0.4)})
+    fast = fast_signal("chat", dep, old)
+    assert fast.saturated == (
+        "3 queued at the gateways, the oldest for 0.60s > 0.50s (0.25 x 2s TTFT)"
+    )
+    assert fast.wanted == 1
+    assert fast_signal("chat", dep, young).saturated == ""
+    assert fast_signal("chat", dep, FleetSnapshot((), healthy)).saturated == ""
+
+
+def test_a_queue_with_no_room_anywhere_is_saturation_however_young() -> None:
+    dep = _slo(DEP, cap=8)
+    queued = GatewayLoad(queue_depth=20, oldest_queued_s=0.01, in_flight={"r0": 8, "r1": 8})
+    full = (
+        ReplicaView("r0", "chat", "a", ReplicaState.HEALTHY),
+        ReplicaView("r1", "chat", "a", ReplicaState.HEALTHY),
+    )
+    fast = fast_signal("chat", dep, FleetSnapshot((), full, {"chat": queued}))
+    assert fast.saturated == "20 queued at the gateways and every replica at its 8 in flight"
+    assert fast.wanted == 3  # ceil(20 / 8)
+    room = GatewayLoad(queue_depth=20, oldest_queued_s=0.01, in_flight={"r0": 8, "r1": 7})
+    assert fast_signal("chat", dep, FleetSnapshot((), full, {"chat": room})).saturated == ""
+    # Without a cap known, only the age says so.
+    assert fast_signal("chat", _slo(DEP), FleetSnapshot((), full, {"chat": queued})).saturated == ""
+    none = fast_signal("chat", _slo(DEP), FleetSnapshot((), (), {"chat": queued}))
+    assert none.saturated == "20 queued at the gateways and no healthy replica"

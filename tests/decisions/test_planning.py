@@ -13,7 +13,6 @@ from decisions.plantypes import (
     PendingReplica,
     PlanInput,
     PlannedRelease,
-    PlannedStart,
     SamplePoint,
     trim_samples,
 )
