@@ -1,4 +1,5 @@
-"""What a simulation shows: a table, per-minute series, a PNG, JSON and per-request rows."""
+"""What a simulation shows: a table, per-minute series, JSON and per-request rows (the PNG is
+:mod:`simulator.figure`)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,21 @@ from typing import Any
 
 from rich.table import Table
 
-from simulator.cluster import REJECTED, RESERVED, SPILLED
+from simulator.cluster import REJECTED, RESERVED, SPILLED, Cluster
 from simulator.probes import percentile
-from simulator.scenarios import SLO_SHARE, ScenarioResult
+from simulator.scenarios import SLO_SHARE, ScenarioResult, billed_seconds
 
 BUCKET_S = 60.0
 OUTCOMES = {RESERVED: "reserved", SPILLED: "rented", REJECTED: "rejected"}
 
 
 def series(result: ScenarioResult, bucket_s: float = BUCKET_S) -> dict[str, list[Any]]:
-    """Per-bucket demand, capacity and latency of one scenario."""
+    """Per-bucket demand, capacity, latency and spend of one scenario.
+
+    Every key ending in ``_usd`` is money spent in that bucket, and together they add up to the
+    scenario's total cost (the figure's cumulative cost sums them all): the reservation at its
+    constant rate, and rented machines as they are billed (the rounding to the cloud's billing
+    step and minimum falls in the bucket where the machine was given back)."""
     c = result.cluster
     buckets = max(1, math.ceil(c.horizon / bucket_s))
     arrivals = [0] * buckets
@@ -46,15 +52,57 @@ def series(result: ScenarioResult, bucket_s: float = BUCKET_S) -> dict[str, list
         values.sort()
         p50.append(_round(percentile(values, 50)))
         p99.append(_round(percentile(values, 99)))
+    launches = [0] * buckets
+    for event in c.events:
+        if event.kind == "launch" and event.at < c.horizon:
+            launches[min(buckets - 1, int(event.at // bucket_s))] += 1
     return {
         "t_s": [b * bucket_s for b in range(buckets)],
         "requests_per_s": [n / bucket_s for n in arrivals],
         "reserved_replicas": reserved,
         "rented_replicas": spilled,
         "rented_machines": rented,
+        "launches": launches,
         "ttft_p50_s": p50,
         "ttft_p99_s": p99,
+        "reserved_usd": _spread(result.cost_reserved, 0.0, c.horizon, buckets, bucket_s),
+        "rented_usd": _rented_spend(c, buckets, bucket_s),
     }
+
+
+def _spread(usd: float, start: float, end: float, buckets: int, bucket_s: float) -> list[float]:
+    """``usd`` spent evenly from ``start`` to ``end``, per bucket."""
+    out = [0.0] * buckets
+    if end <= start:
+        return out
+    rate = usd / (end - start)
+    for b in range(min(buckets - 1, int(start // bucket_s)), buckets):
+        low = max(start, b * bucket_s)
+        if low >= end:
+            break
+        high = end if b == buckets - 1 else min(end, (b + 1) * bucket_s)
+        out[b] += (high - low) * rate
+    return out
+
+
+def _rented_spend(c: Cluster, buckets: int, bucket_s: float) -> list[float]:
+    """What the rented machines cost per bucket, as :func:`simulator.scenarios.rented_cost`
+    adds it up."""
+    out = [0.0] * buckets
+    for machine in c.machines.values():
+        if not machine.rented or machine.launched_at >= c.horizon:
+            continue
+        end = machine.terminated_at
+        ended = end is not None and end <= c.horizon
+        if end is None or not ended:
+            end = c.horizon
+        held = end - machine.launched_at
+        per_s = machine.usd_per_hour / 3600
+        for b, usd in enumerate(_spread(held * per_s, machine.launched_at, end, buckets, bucket_s)):
+            out[b] += usd
+        billed = billed_seconds(c.settings, machine.provider, held, ended)
+        out[min(buckets - 1, int(end // bucket_s))] += (billed - held) * per_s
+    return out
 
 
 def _round(value: float) -> float | None:
@@ -196,65 +244,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
-
-
-def plot(
-    path: Path,
-    all_series: Mapping[str, dict[str, list[Any]]],
-    results: Mapping[str, ScenarioResult],
-    slo_s: float,
-    title: str,
-) -> None:
-    """Demand, capacity (reserved and rented) with spill events, and TTFT percentiles."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 1, figsize=(12, 9), sharex=True, constrained_layout=True)
-    demand, capacity, latency = axes
-    first = next(iter(all_series.values()))
-    hours = [t / 3600 for t in first["t_s"]]
-    demand.plot(hours, first["requests_per_s"], color="black", linewidth=0.8)
-    demand.set_ylabel("requests/s")
-    demand.set_title(title)
-    colours = {"reserved-only": "tab:blue", "on-demand": "tab:orange", "policy": "tab:green"}
-    policy = all_series.get("policy")
-    if policy is not None:
-        capacity.stackplot(
-            hours,
-            policy["reserved_replicas"],
-            policy["rented_replicas"],
-            labels=["policy: reserved replicas", "policy: rented replicas"],
-            colors=["#9ecae1", "#a1d99b"],
-            step="post",
-        )
-        launches = [e.at / 3600 for e in results["policy"].cluster.events if e.kind == "launch"]
-        for at in launches:
-            capacity.axvline(at, color="tab:red", linewidth=0.6, alpha=0.6)
-        if launches:
-            capacity.plot([], [], color="tab:red", linewidth=0.6, label="policy: machine rented")
-    on_demand = all_series.get("on-demand")
-    if on_demand is not None:
-        capacity.step(
-            hours,
-            on_demand["rented_replicas"],
-            where="post",
-            color=colours["on-demand"],
-            label="on-demand: replicas",
-        )
-    capacity.set_ylabel("replicas serving")
-    capacity.legend(loc="upper left", fontsize=8)
-    for name, data in all_series.items():
-        colour = colours.get(name)
-        p99 = [math.nan if v is None else v for v in data["ttft_p99_s"]]
-        p50 = [math.nan if v is None else v for v in data["ttft_p50_s"]]
-        latency.plot(hours, p99, color=colour, linewidth=1.0, label=f"{name} p99")
-        latency.plot(hours, p50, color=colour, linewidth=0.8, linestyle=":", label=f"{name} p50")
-    latency.axhline(slo_s, color="black", linestyle="--", linewidth=0.8, label="TTFT target")
-    latency.set_yscale("log")
-    latency.set_ylabel("time to first token (s)")
-    latency.set_xlabel("hours")
-    latency.legend(loc="upper left", fontsize=8, ncol=4)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

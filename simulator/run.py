@@ -10,6 +10,7 @@ from typing import Any
 import simulator.report as report
 from decisions.policy import Policy
 from providers.catalog import Catalog
+from simulator.figure import plot  # the PNG
 from simulator.scenarios import (
     SCENARIOS,
     ScenarioResult,
@@ -108,12 +109,13 @@ class Simulation:
         report.write_json(written[0], data)
         if png:
             path = out_dir / "simulation.png"
-            report.plot(
+            plot(
                 path,
                 data["series"],
                 self.results,
                 self.settings.ttft_slo_s,
                 self.title(),
+                summaries=self.summaries,
             )
             written.append(path)
         if requests:
