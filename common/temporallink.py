@@ -367,15 +367,23 @@ def refusal(exc: BaseException, link: TemporalLink, *, what: str) -> TemporalRef
         )
     auth = _AUTH_STATUS.search(text)
     if auth is not None:
-        setting = link.api_key_setting or (
-            "temporal.tls.cert_file" if has_cert else "temporal.api_key_file"
-        )
-        key = "the API key" if link.api_key_setting else "this client"
-        return TemporalRefused(
-            setting,
-            f"{setting}: {at} refused {key} of {what} ({auth.group(1)}: {auth.group(2)}); "
-            f"check {setting}",
-        )
+        why = f"{auth.group(1)}: {auth.group(2)}"
+        setting = link.api_key_setting or ""
+        if setting:
+            message = f"{setting}: {at} refused the API key of {what} ({why}); check {setting}"
+        elif has_cert:
+            setting = "temporal.tls.cert_file"
+            message = (
+                f"{setting}: {at} refused {what}, identified by its client certificate ({why}); "
+                "check temporal.tls.cert_file and what the frontend authorizes it for"
+            )
+        else:
+            setting = "temporal.api_key_file"
+            message = (
+                f"temporal: {at} refused {what}, which sent no credentials ({why}); set "
+                "temporal.api_key_file or api_key_env, or a client certificate in temporal.tls"
+            )
+        return TemporalRefused(setting, message)
     return None
 
 
@@ -420,6 +428,7 @@ def _probe_alert(link: TemporalLink, timeout_s: float = 3.0) -> str | None:
             socket.create_connection((host, int(port)), timeout=timeout_s) as raw,
             context.wrap_socket(raw, server_hostname=name) as conn,
         ):
+            conn.settimeout(1.0)  # a refusal follows the handshake at once
             conn.recv(1)
     except ssl.SSLError as exc:
         reason = str(exc.reason or "")

@@ -328,3 +328,19 @@ async def test_nothing_listening_is_an_outage(tls: dict[str, Any] | None) -> Non
     assert not isinstance(caught.value, TemporalRefused)
     line = describe_outage(caught.value, settings)
     assert "Connection refused" in line and "\n" not in line, line
+
+
+async def test_a_frontend_wanting_credentials_names_where_to_give_them(
+    ca: CertificateAuthority, frontend: tuple[FakeFrontend, str]
+) -> None:
+    fake, address = frontend
+    fake.accept = False
+    settings = TemporalLink.model_validate({"address": address, "tls": {"ca_file": str(ca.path)}})
+    with pytest.raises(TemporalRefused) as caught:
+        await connect_temporal(settings, what="the node worker")
+    assert str(caught.value) == (
+        f"temporal: the frontend at {address} refused the node worker, which sent no "
+        "credentials (Unauthenticated: Request unauthorized.); set temporal.api_key_file or "
+        "api_key_env, or a client certificate in temporal.tls"
+    )
+    assert all("authorization" not in m for m in fake.seen)

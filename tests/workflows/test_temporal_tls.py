@@ -65,7 +65,7 @@ class Pki:
 class TlsProxy:
     """HAProxy in TCP mode: TLS (h2 by ALPN) in front, verified client certificates required."""
 
-    def __init__(self, work: Path, backend: str, pki: Pki) -> None:
+    def __init__(self, work: Path, backend: str, pki: Pki, *, verify: bool = True) -> None:
         binary = haproxy_binary()
         if binary is None:
             pytest.skip("haproxy is not installed (apt-get install haproxy); scripts/test-tools.sh")
@@ -76,11 +76,12 @@ class TlsProxy:
         conf = work / "haproxy.cfg"
         conf.write_text(
             "global\n  maxconn 512\n"
-            "defaults\n  mode tcp\n  timeout connect 5s\n"
+            # retries 0: a backend that is down closes the line at once, not after 3 s.
+            "defaults\n  mode tcp\n  retries 0\n  timeout connect 5s\n"
             # Workers long-poll for a minute: the idle timeouts must be longer than that.
             "  timeout client 10m\n  timeout server 10m\n"
             f"frontend temporal\n  bind {self.address} ssl crt {bundle} ca-file {pki.ca.path}"
-            " verify required alpn h2\n  default_backend dev\n"
+            f" verify {'required' if verify else 'none'} alpn h2\n  default_backend dev\n"
             f"backend dev\n  server dev {backend}\n"
         )
         self._log = (work / "haproxy.log").open("wb")
@@ -351,8 +352,16 @@ async def test_a_node_worker_picks_up_a_corrected_certificate(
         await asyncio.gather(task, return_exceptions=True)
 
 
+@pytest.mark.parametrize(
+    ("tls", "starts"),
+    [
+        (NO_CERT, "spillway: error: temporal.tls: the frontend at "),
+        ({"cert_file": "missing.crt"}, "spillway: error: temporal.tls.cert_file: "),
+    ],
+    ids=["refused", "missing file"],
+)
 def test_spillway_scheduler_run_exits_2_with_the_line(
-    tmp_path: Path, tokens: Tokens, pki: Pki, proxy: TlsProxy
+    tmp_path: Path, tokens: Tokens, pki: Pki, proxy: TlsProxy, tls: dict[str, Any], starts: str
 ) -> None:
     weights = tmp_path / "model"
     weights.mkdir()
@@ -363,7 +372,7 @@ def test_spillway_scheduler_run_exits_2_with_the_line(
             "metrics_listen": None,
             "tokens_file": str(tokens.path),
             "policy_file": str(write_yaml(tmp_path / "p.yaml", policy("c", "p", weights))),
-            "temporal": {"address": proxy.address, "tls": bad_tls(pki, NO_CERT)},
+            "temporal": {"address": proxy.address, "tls": bad_tls(pki, tls)},
         },
     )
     done = subprocess.run(
@@ -375,7 +384,7 @@ def test_spillway_scheduler_run_exits_2_with_the_line(
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if "temporal" in line]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert lines[0].startswith("spillway: error: temporal.tls: ") and "cert_file" in lines[0]
+    assert lines[0].startswith(starts) and "cert_file" in lines[0], lines
 
 
 async def test_spillway_agent_keeps_reporting_when_temporal_refuses_it(
@@ -411,3 +420,32 @@ def test_spillway_agent_refuses_to_start_on_a_missing_certificate(
     text = log.read_text()
     assert f"spillway: error: temporal.tls.cert_file: {tmp_path / 'missing.crt'}: " in text, text
     assert "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["mutual TLS", "server TLS"])
+async def test_nothing_behind_the_proxy_is_an_outage_not_a_refusal(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture, verify: bool
+) -> None:
+    """The proxy completes the handshake and then closes the line (its backend is down): the
+    node worker retries as for any outage, even without a client certificate to blame."""
+    dead = TlsProxy(tmp_path, f"127.0.0.1:{_free_port()}", pki, verify=verify)
+    try:
+        tls = tls_section(pki) if verify else tls_section(pki, **NO_CERT)
+        link = TemporalLink.model_validate({"address": dead.address, "tls": tls})
+        with pytest.raises(RuntimeError) as caught:
+            await connect_temporal(link, what="the control plane")
+        assert not isinstance(caught.value, TemporalRefused), caught.value
+        caplog.set_level(logging.INFO, logger="agent.worker")
+        worker = NodeWorker(link, "agent-outage", [tls_echo], max_backoff_s=0.05)
+        task = asyncio.create_task(worker.run())
+        try:
+            await eventually(
+                lambda: sum("retrying" in r.getMessage() for r in caplog.records) >= 3,
+                within_s=10,
+            )
+            assert worker.refused is None and worker.last_error is not None
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        dead.stop()
