@@ -3,7 +3,8 @@
 Two stages find the problems: the schema (types, ranges, one model at a time, in
 :mod:`decisions.policy`) and then the checks that need several fields or the catalog (unknown
 SKU, a residency group where nothing sells the SKU, a spillover provider without credentials,
-a managed endpoint outside the lock). The second stage runs on every part that passed the
+a managed endpoint outside the lock, a queue-age threshold the queue's timeout would never
+let a request reach). The second stage runs on every part that passed the
 first, so one typo does not hide the other mistakes.
 
 This module does no I/O beyond reading the policy file itself and must not call any cloud API.
@@ -23,6 +24,7 @@ from decisions.policy import (
     UNLOCKED,
     Credentials,
     Deployment,
+    Lock,
     Policy,
     ResidencyGroup,
     Strict,
@@ -174,6 +176,34 @@ def _check_managed(
     return problems
 
 
+def _check_reaction(at: tuple[str | int, ...], dep: Deployment, lock: Lock | None) -> list[Problem]:
+    """The SLO against the queue that measures it, and the cost model against itself."""
+    problems: list[Problem] = []
+    slo, timeout = dep.slo, dep.gateway.queue_timeout_s
+    if slo.saturated_after_s >= timeout:
+        problems.append(
+            Problem(
+                (*at, "slo", "saturated_queue_age"),
+                f"{slo.saturated_queue_age:g} x ttft_s {slo.ttft_s:g}s = "
+                f"{slo.saturated_after_s:g}s is not below gateway.queue_timeout_s "
+                f"({timeout:g}s): requests would time out before the queue counts as saturated",
+            )
+        )
+    costs = dep.autoscaling.costs
+    inside = [e for e in dep.managed if lock is None or lock.allows_group(e.residency_group)]
+    if inside and dep.spillover.enabled and costs.cold_start_s >= costs.expected_episode_s:
+        problems.append(
+            Problem(
+                (*at, "autoscaling", "costs", "expected_episode_s"),
+                f"an episode expected to last {costs.expected_episode_s:g}s is over before a "
+                f"replica's {costs.cold_start_s:g}s cold start: overflow stays on "
+                f"{inside[0].name} (only a saturated queue rents) until longer episodes are seen",
+                note=True,
+            )
+        )
+    return problems
+
+
 def _check_deployments(
     groups: Mapping[str, ResidencyGroup],
     deployments: Mapping[str, Deployment],
@@ -187,6 +217,12 @@ def _check_deployments(
         for pool in dep.pools:
             pool_users.setdefault(pool, []).append(name)
         problems += _check_managed(at, dep, groups, catalog)
+        residency = dep.spillover.residency
+        problems += _check_reaction(
+            at,
+            dep,
+            group_lock(residency, groups.get(residency), catalog) if residency else None,
+        )
         if dep.sku not in catalog.skus:
             problems.append(
                 Problem(

@@ -84,6 +84,25 @@ deployments:
             ":2: credentials.aws.env.0: this looks like an AWS access key id",
         ),
         ("model: m", "model: m\n    colour: blue", ":6: deployments.chat.colour: unknown field"),
+        (
+            "max_replicas: 4",
+            "max_replicas: 4\n    slo:\n      ttft_s: 40\n      saturated_queue_age: 0.75",
+            ":13: deployments.chat.slo.saturated_queue_age: 0.75 x ttft_s 40s = 30s is not "
+            "below gateway.queue_timeout_s (30s): requests would time out before the queue "
+            "counts as saturated",
+        ),
+        (
+            "max_replicas: 4",
+            "max_replicas: 4\n    slo: {saturated_queue_age: 1.5}",
+            ":11: deployments.chat.slo.saturated_queue_age: Input should be less than or equal "
+            "to 1",
+        ),
+        (
+            "autoscaling: {target: 4}",
+            "autoscaling: {target: 4, costs: {release_ratio: 0.5}}",
+            ":11: deployments.chat.autoscaling.costs.release_ratio: Input should be greater "
+            "than or equal to 1",
+        ),
     ],
 )
 def test_each_mistake_is_reported_with_line_and_field(
@@ -215,3 +234,29 @@ def test_numbers_are_finite_bounded_and_of_their_own_type(
     result = check_policy(_write(tmp_path, BASE.replace(old, new)))
     assert result.policy is None
     assert any(f": {field}: " in error for error in result.errors), result.errors
+
+
+def test_an_episode_shorter_than_the_cold_start_is_a_note(tmp_path: Path) -> None:
+    data = yaml.safe_load(BASE)
+    chat = data["deployments"]["chat"]
+    chat["autoscaling"]["costs"] = {"cold_start_s": 450, "expected_episode_s": 300}
+    chat["managed"] = [
+        {
+            "name": "hosted-eu",
+            "base_url": "https://llm.eu.example.com/v1",
+            "residency_group": "eu",
+            "usd_per_million_input_tokens": 1.0,
+            "usd_per_million_output_tokens": 1.0,
+            "max_concurrency": 8,
+        }
+    ]
+    result = check_policy(_write(tmp_path, yaml.safe_dump(data, sort_keys=False)))
+    assert result.errors == [] and result.policy is not None
+    (note,) = result.notes
+    assert (
+        "deployments.chat.autoscaling.costs.expected_episode_s: an episode expected to last "
+        in note
+    )
+    assert "300s is over before a replica's 450s cold start: overflow stays on hosted-eu" in note
+    # The defaults (2 s TTFT, a quarter of it) load without a word.
+    assert result.policy.deployments["chat"].slo.saturated_after_s == 0.5
