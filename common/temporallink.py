@@ -25,7 +25,8 @@ import os
 import re
 import socket
 import ssl
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,7 @@ def _read_pem(path: Path, setting: str, what: str, *, key: bool) -> bytes:
     return data
 
 
-def read_api_key(link: TemporalLink, environ: dict[str, str] | None = None) -> str | None:
+def read_api_key(link: TemporalLink, environ: Mapping[str, str] | None = None) -> str | None:
     """The API key the config names, or None; errors name the setting."""
     if link.api_key_file is not None:
         path = link.api_key_file
@@ -221,12 +222,13 @@ def read_api_key(link: TemporalLink, environ: dict[str, str] | None = None) -> s
 
 @dataclass(frozen=True)
 class ConnectOptions:
-    """What :meth:`temporalio.client.Client.connect` is given, the files already read."""
+    """What :meth:`temporalio.client.Client.connect` is given, the files already read (the
+    key and the TLS material are left out of ``repr``, so that no log or traceback shows them)."""
 
     address: str
     namespace: str
-    tls: TLSConfig | bool
-    api_key: str | None
+    tls: TLSConfig | bool = field(repr=False)
+    api_key: str | None = field(repr=False)
     identity: str | None
 
     def kwargs(self) -> dict[str, Any]:

@@ -169,6 +169,7 @@ def test_connect_options_read_every_file(
         domain="temporal.internal",
     )
     assert options.api_key == SECRET and options.identity == "node-a@h"
+    assert SECRET not in repr(options) and "PRIVATE KEY" not in repr(options)
     kwargs = options.kwargs()
     assert kwargs["api_key"] == SECRET and kwargs["identity"] == "node-a@h"
     # The config's identity wins over the caller's default; no TLS and no key: plaintext.
