@@ -153,6 +153,11 @@ def cumulative_usd(data: Mapping[str, list[Any]]) -> list[float]:
 
 def _outside_legend(ax: Axes, **kwargs: Any) -> None:
     handles, labels = ax.get_legend_handles_labels()
+    if ax.get_label() == "spend" and any(p.get_hatch() for p in ax.patches):
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//"))
+        labels.append("beyond the reservation")
     if handles:
         ax.legend(
             handles,
@@ -355,7 +360,7 @@ def _bars(
     spend_ax.bar(positions, base, color=colours, edgecolor="black", linewidth=0.5)
     spend_ax.bar(
         positions, overflows, bottom=base, color=colours, edgecolor="black", linewidth=0.5,
-        hatch="//", alpha=0.6, label="beyond the reservation (hatched)",
+        hatch="//", alpha=0.6,
     )  # fmt: skip
     spend_ax.set_ylabel("total cost ($)")
     for ax, values, percent in ((slo_ax, shares, True), (spend_ax, totals, False)):
