@@ -41,7 +41,8 @@ replicas take ``q`` requests each (``gateway.max_concurrency_per_replica``, else
 * that costs ``A = m * (T / q) * p * 3600`` USD per hour; keeping the replica ``B = h``;
 * the replica is cheaper to release when ``B > X * A`` and ``m`` fits the endpoints' free
   concurrency taken at ``1/X`` too (otherwise requests would queue: never cheaper);
-* it is released once that has held for ``release_after_s`` (the caller keeps the time).
+* it is released once that has held for ``release_after_s`` (the caller keeps the time);
+  a machine whose price is unknown (``h = 0``) is never released by cost.
 
 Between the two rules lies a band (renting needs ``O * p > h * (L + C) / L``, releasing
 ``O * p < h / X``), so the decision does not flap on a noisy signal, and a replica that
