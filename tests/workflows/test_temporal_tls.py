@@ -68,7 +68,10 @@ class TlsProxy:
     def __init__(self, work: Path, backend: str, pki: Pki, *, verify: bool = True) -> None:
         binary = haproxy_binary()
         if binary is None:
-            pytest.skip("haproxy is not installed (apt-get install haproxy); scripts/test-tools.sh")
+            pytest.skip(
+                "haproxy is not installed (apt-get install haproxy); scripts/test-tools.sh "
+                "installs it"
+            )
         server = pki.ca.issue("frontend", server=True, dns_names=(SERVER_NAME,))
         bundle = server.bundle(work / "frontend.pem")
         self.port = _free_port()
