@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from providers.base import CapacityMemory, Instance, LaunchRequest, Provider
+from providers.base import (
+    CapacityMemory,
+    Instance,
+    LaunchRequest,
+    Provider,
+    check_labels,
+    wait_for_state,
+)
 from providers.catalog import Catalog
 from providers.errors import (
     AuthError,
+    CannotStopError,
     ProviderError,
     TransientError,
     make_error,
@@ -29,6 +37,7 @@ from providers.gcp.build import (
     GcpNetwork,
     instance_body,
     instance_name,
+    label_value,
     last_segment,
     managed_filter,
     metadata_value,
@@ -290,3 +299,111 @@ class GcpProvider(Provider):
 
     def list_managed(self) -> list[Instance]:
         return self._search(managed_filter(), "list managed instances")
+
+    # -- the warm pool -------------------------------------------------------------------------
+
+    def _settle(self, key: str, wanted: tuple[str, ...], what: str) -> Instance | None:
+        return wait_for_state(
+            lambda: self.describe(key),
+            wanted,
+            timeout_s=self._operation_timeout_s,
+            poll_s=self._poll_interval_s,
+            what=f"gcp: {what} {instance_name(key)}",
+        )
+
+    def _power(self, instance: Instance, verb: str) -> None:
+        """instances.stop or instances.start, waiting for the operation."""
+        from google.cloud import compute_v1
+
+        instances, _ = self._clients_or_error(f"{verb} {instance.instance_id}")
+        context = f"{verb} {instance.instance_id} in {instance.zone}"
+        if verb == "stop":
+            # The weights live on the boot disk, which a stop keeps; a local SSD's contents
+            # cannot be kept by a stop on every machine type, so they are discarded.
+            stop = compute_v1.StopInstanceRequest(
+                project=self.project,
+                zone=instance.zone,
+                instance=instance.instance_id,
+                discard_local_ssd=True,
+            )
+            operation = self._call(context, lambda: instances.stop_unary(request=stop))
+        else:
+            start = compute_v1.StartInstanceRequest(
+                project=self.project, zone=instance.zone, instance=instance.instance_id
+            )
+            operation = self._call(context, lambda: instances.start_unary(request=start))
+        self._wait(instance.zone, operation, context)
+
+    def stop(self, key: str) -> Instance | None:
+        instance = self.describe(key)
+        if instance is None:
+            return None
+        if instance.cannot_stop:
+            raise CannotStopError(
+                f"gcp: {instance.instance_id} cannot be stopped: {instance.cannot_stop}",
+                cloud="gcp",
+            )
+        if instance.state == "pending":
+            instance = self._settle(key, ("running", "stopped"), "waiting to stop")
+        if instance is None or instance.state == "stopped":
+            return instance
+        if instance.state == "running":
+            self._power(instance, "stop")
+        return self._settle(key, ("stopped",), "stopping")
+
+    def start(self, key: str) -> Instance | None:
+        instance = self.describe(key)
+        if instance is None or instance.state in ("pending", "running"):
+            return instance
+        if instance.state == "stopping":
+            instance = self._settle(key, ("stopped", "running"), "waiting to start")
+            if instance is None or instance.state != "stopped":
+                return instance
+        self._power(instance, "start")
+        return self.describe(key)
+
+    def set_labels(self, key: str, labels: Mapping[str, str | None]) -> None:
+        from google.api_core import exceptions as gexc
+        from google.cloud import compute_v1
+
+        check_labels("gcp", labels)
+        instance = self.describe(key)
+        if instance is None:
+            return
+        instances, _ = self._clients_or_error(f"set labels on {instance.instance_id}")
+        context = f"setLabels on {instance.instance_id} in {instance.zone}"
+        for attempt in range(3):
+            raw = self._call(
+                context,
+                lambda: instances.get(
+                    project=self.project, zone=instance.zone, instance=instance.instance_id
+                ),
+            )
+            merged = dict(raw.labels)
+            for name, value in labels.items():
+                if value is None:
+                    merged.pop(label_value(name), None)
+                else:
+                    merged[label_value(name)] = label_value(value)
+            body = compute_v1.InstancesSetLabelsRequest(
+                labels=merged, label_fingerprint=raw.label_fingerprint
+            )
+            try:
+                operation = instances.set_labels_unary(
+                    request=compute_v1.SetLabelsInstanceRequest(
+                        project=self.project,
+                        zone=instance.zone,
+                        instance=instance.instance_id,
+                        instances_set_labels_request_resource=body,
+                    )
+                )
+            except gexc.PreconditionFailed:
+                if attempt == 2:
+                    raise TransientError(
+                        f"gcp: {context}: the labels kept changing under us", cloud="gcp"
+                    ) from None
+                continue  # labels changed since they were read: read them again
+            except Exception as exc:
+                raise _api_error(exc, context) from exc
+            self._wait(instance.zone, operation, context)
+            return

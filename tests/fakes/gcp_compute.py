@@ -1,17 +1,24 @@
 """A small fake of the Compute Engine REST API (v1) for the real ``google-cloud-compute`` client.
 
-What it models, because the adapter depends on it: zonal instances insert/get/delete and the
-aggregated list with ``name = "..."`` and ``labels.K = "V"`` filters; long-running zone
-operations that stay RUNNING for a few polls; ``requestId`` deduplication (the same id returns
-the same operation); ``alreadyExists`` (409) for a second instance of the same name in a zone;
-errors in GCP's shape, either on the HTTP call (429, 503, 403 quota) or inside the finished
-operation (ZONE_RESOURCE_POOL_EXHAUSTED, QUOTA_EXCEEDED), after which no instance exists.
+What it models, because the adapter depends on it: zonal instances insert/get/delete; stop
+(STOPPING while its operation runs, then TERMINATED: the instance and its disks remain) and
+start (STAGING, then RUNNING); stopping a TERMINATED or starting a RUNNING instance is a no-op
+operation, starting one still STOPPING is 400 resourceNotReady; setLabels with the
+labelFingerprint it checks (412 conditionNotMet on a stale one); the aggregated list with
+``name = "..."`` and ``labels.K = "V"`` filters; long-running zone operations that stay RUNNING
+for a few polls (of the operation, or reads of its instance); ``requestId`` deduplication (the
+same id returns the same operation); ``alreadyExists`` (409) for a second instance of the same
+name in a zone; errors in GCP's shape,
+either on the HTTP call (429, 503, 403 quota) or inside the finished operation
+(ZONE_RESOURCE_POOL_EXHAUSTED, QUOTA_EXCEEDED), after which no instance exists.
 It is a test double, not an emulator: no networks, disks, images or IAM.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +87,9 @@ class FakeCompute:
         s.route("POST", zone + r"/instances", self._insert)
         s.route("GET", zone + r"/instances/(?P<name>[^/]+)", self._get)
         s.route("DELETE", zone + r"/instances/(?P<name>[^/]+)", self._delete)
+        s.route("POST", zone + r"/instances/(?P<name>[^/]+)/stop", self._stop)
+        s.route("POST", zone + r"/instances/(?P<name>[^/]+)/start", self._start)
+        s.route("POST", zone + r"/instances/(?P<name>[^/]+)/setLabels", self._set_labels)
         s.route("GET", zone + r"/operations/(?P<op>[^/]+)", self._get_operation)
         s.route("GET", base + r"/aggregated/instances", self._aggregated)
 
@@ -161,7 +171,11 @@ class FakeCompute:
     def _finish(self, op: _Operation) -> None:
         op.status = "DONE"
         key = (op.zone, op.target.rsplit("/", 1)[-1])
-        if op.kind == "insert":
+        if op.kind == "stop" and key in self.instances:
+            self.instances[key]["status"] = "TERMINATED"
+        elif op.kind == "start" and key in self.instances:
+            self.instances[key]["status"] = "RUNNING"
+        elif op.kind == "insert":
             if op.error:
                 self.instances.pop(key, None)  # GCP leaves no instance after such a failure
             elif key in self.instances:
@@ -206,6 +220,7 @@ class FakeCompute:
             zone=self._link(f"zones/{zone}"),
             machineType=self._link(machine_type[machine_type.index("zones/") :]),
             selfLink=self._link(f"zones/{zone}/instances/{name}"),
+            labelFingerprint=self._fingerprint(body.get("labels") or {}),
             networkInterfaces=[
                 {**nic, "networkIP": f"10.128.0.{len(self.instances) + 2}"}
                 for nic in body.get("networkInterfaces", [{}])
@@ -216,7 +231,79 @@ class FakeCompute:
         op.error = fault.op_error if fault is not None else None
         return 200, self._operation_json(op), {}
 
+    @staticmethod
+    def _fingerprint(labels: dict[str, str]) -> str:
+        raw = json.dumps(labels, sort_keys=True).encode()
+        return hashlib.sha256(raw).hexdigest()[:16]
+
+    def _power(self, request: Request, m: re.Match[str], kind: str) -> Reply:
+        """stop and start: an operation that moves the instance through its states."""
+        zone, name = m["zone"], m["name"]
+        request_id = request.query.get("requestId", "")
+        if request_id in self.request_ids:
+            return 200, self._operation_json(self.operations[self.request_ids[request_id]]), {}
+        self.calls.append((kind, zone, name))
+        instance = self.instances.get((zone, name))
+        if instance is None:
+            return self._not_found(zone, name)
+        status = instance["status"]
+        op = self._new_operation(zone, kind, name, request_id)
+        if kind == "start" and status == "STOPPING":
+            del self.operations[op.name]
+            return self._error(
+                400,
+                "resourceNotReady",
+                f"The resource 'projects/{self.project}/zones/{zone}/instances/{name}' is not "
+                "ready",
+            )
+        noop = (kind == "stop" and status == "TERMINATED") or (
+            kind == "start" and status == "RUNNING"
+        )
+        if noop:
+            op.polls_left = 1
+        else:
+            instance["status"] = "STOPPING" if kind == "stop" else "STAGING"
+        return 200, self._operation_json(op), {}
+
+    def _stop(self, request: Request, m: re.Match[str]) -> Reply:
+        return self._power(request, m, "stop")
+
+    def _start(self, request: Request, m: re.Match[str]) -> Reply:
+        return self._power(request, m, "start")
+
+    def _set_labels(self, request: Request, m: re.Match[str]) -> Reply:
+        zone, name = m["zone"], m["name"]
+        self.calls.append(("setLabels", zone, name))
+        instance = self.instances.get((zone, name))
+        if instance is None:
+            return self._not_found(zone, name)
+        body = request.body or {}
+        if body.get("labelFingerprint") != instance.get("labelFingerprint"):
+            return self._error(
+                412,
+                "conditionNotMet",
+                "Labels fingerprint either invalid or resource labels have changed",
+            )
+        labels = dict(body.get("labels") or {})
+        instance["labels"] = labels
+        instance["labelFingerprint"] = self._fingerprint(labels)
+        op = self._new_operation(zone, "setLabels", name, request.query.get("requestId", ""))
+        op.polls_left = 1
+        return 200, self._operation_json(op), {}
+
+    def _tick(self, zone: str, name: str | None) -> None:
+        """Reading an instance lets its running operations progress, as time does in GCP."""
+        for op in list(self.operations.values()):
+            if op.status == "DONE" or (name is not None and op.zone != zone):
+                continue
+            if name is not None and op.target.rsplit("/", 1)[-1] != name:
+                continue
+            op.polls_left -= 1
+            if op.polls_left <= 0:
+                self._finish(op)
+
     def _get(self, request: Request, m: re.Match[str]) -> Reply:
+        self._tick(m["zone"], m["name"])
         instance = self.instances.get((m["zone"], m["name"]))
         if instance is None:
             return self._not_found(m["zone"], m["name"])
@@ -261,6 +348,7 @@ class FakeCompute:
                     400, "invalid", f"Invalid list filter expression '{expression}'."
                 )
             field_name, value = match.group(1), match.group(2)
+        self._tick("", None)
         items: dict[str, Any] = {}
         for (zone, name), instance in sorted(self.instances.items()):
             if field_name == "name" and name != value:

@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from providers.aws import AwsProvider
-from providers.base import CLAIM_LABEL, WARM_LABEL, CapacityMemory
+from providers.base import CLAIM_LABEL, MANAGED_LABEL, WARM_LABEL, CapacityMemory
+from providers.gcp.build import instance_name
 from providers.errors import CannotStopError, CapacityError, InvalidRequestError
 from providers.local import LocalProvider
 from tests.conftest import SchedulerFactory, Tokens, eventually
+from tests.fakes.gcp_compute import FakeCompute
 from tests.providers.conftest import Ec2
 from tests.providers.test_aws import REGION as AWS_REGION
 from tests.providers.test_aws import request as aws_request
+from tests.providers.test_gcp import PROJECT as GCP_PROJECT
+from tests.providers.test_gcp import provider as gcp_provider
+from tests.providers.test_gcp import request as gcp_request
 from tests.providers.test_local import _gone
 from tests.providers.test_local import request as local_request
 
@@ -169,3 +175,75 @@ async def test_local_stop_keeps_the_state_and_start_registers_the_agent_again(
     finally:
         await asyncio.to_thread(local.terminate, key)
     assert local.describe(key) is None and local.list_managed() == []
+
+
+@pytest.fixture
+def gcp_fake() -> Iterator[FakeCompute]:
+    compute = FakeCompute(GCP_PROJECT).start()
+    try:
+        yield compute
+    finally:
+        compute.stop()
+
+
+def test_gcp_stop_goes_through_stopping_to_terminated_and_start_back_to_running(
+    gcp_fake: FakeCompute, memory: CapacityMemory
+) -> None:
+    gcp = gcp_provider(gcp_fake, memory)
+    launched = gcp.launch(gcp_request("warm-1"))
+    name = instance_name("warm-1")
+    zone = launched.zone
+    assert gcp_fake.instances[(zone, name)]["status"] == "RUNNING"
+
+    stopped = gcp.stop("warm-1")
+    assert stopped is not None and stopped.state == "stopped"
+    # GCP's TERMINATED: stopped, the instance and its disk still there.
+    assert gcp_fake.instances[(zone, name)]["status"] == "TERMINATED"
+    assert [op.kind for op in gcp_fake.operations.values()].count("stop") == 1
+    described = gcp.describe("warm-1")
+    assert described is not None and described.state == "stopped"
+    assert [(i.instance_id, i.state) for i in gcp.list_managed()] == [(name, "stopped")]
+    gcp.stop("warm-1")  # idempotent: no second stop call
+    assert [c for c in gcp_fake.calls if c[0] == "stop"] == [("stop", zone, name)]
+
+    started = gcp.start("warm-1")
+    assert started is not None and started.state == "running"
+    assert gcp_fake.instances[(zone, name)]["status"] == "RUNNING"
+    gcp.start("warm-1")
+    assert [c for c in gcp_fake.calls if c[0] == "start"] == [("start", zone, name)]
+    assert gcp.launch(gcp_request("warm-1")).instance_id == name
+    assert [c[0] for c in gcp_fake.calls].count("insert") == 1
+
+
+def test_gcp_start_waits_for_a_machine_still_stopping(
+    gcp_fake: FakeCompute, memory: CapacityMemory
+) -> None:
+    gcp = gcp_provider(gcp_fake, memory)
+    launched = gcp.launch(gcp_request("warm-2"))
+    name = instance_name("warm-2")
+    instances, _ = gcp._make_clients()
+    # A stop someone else began: its operation is still running.
+    instances.stop_unary(project=GCP_PROJECT, zone=launched.zone, instance=name)
+    assert gcp_fake.instances[(launched.zone, name)]["status"] == "STOPPING"
+    started = gcp.start("warm-2")  # a start now would be resourceNotReady: it waits first
+    assert started is not None and started.state == "running"
+
+
+def test_gcp_labels_are_set_with_the_fingerprint_and_removed(
+    gcp_fake: FakeCompute, memory: CapacityMemory
+) -> None:
+    gcp = gcp_provider(gcp_fake, memory)
+    launched = gcp.launch(gcp_request("warm-3"))
+    name = instance_name("warm-3")
+    fingerprint = gcp_fake.instances[(launched.zone, name)]["labelFingerprint"]
+    gcp.set_labels("warm-3", {WARM_LABEL: "1764583200", CLAIM_LABEL: "provision-Chat.EU-1"})
+    found = gcp.describe("warm-3")
+    assert found is not None
+    assert found.label(WARM_LABEL) == "1764583200"
+    assert found.label(CLAIM_LABEL) == "provision-chat-eu-1"  # as GCP label values must be
+    assert found.label("deployment") == "llama-70b" and found.label(MANAGED_LABEL) == "true"
+    assert gcp_fake.instances[(launched.zone, name)]["labelFingerprint"] != fingerprint
+    gcp.set_labels("warm-3", {CLAIM_LABEL: None})
+    found = gcp.describe("warm-3")
+    assert found is not None and CLAIM_LABEL not in found.labels
+    assert found.label(WARM_LABEL) == "1764583200"
