@@ -21,7 +21,8 @@ import pytest
 from tests.terraform.conftest import MODULES, TERRAFORM_DIR, Terraform
 
 CLOUDS = ("aws", "gcp", "azure")
-ALL_MODULES = ("agent-bootstrap", "aws-agent", "gcp-agent", "azure-agent")
+ALL_MODULES = ("agent-bootstrap", "control-plane", "aws-agent", "gcp-agent", "azure-agent")
+PROVIDER_FREE = ("agent-bootstrap", "control-plane")
 PROVIDER = {"aws": "aws", "gcp": "google", "azure": "azurerm"}
 
 
@@ -121,7 +122,7 @@ def test_versions_accept_terraform_1_0_and_pin_providers(module: str) -> None:
     assert not satisfies((0, 15, 5), terraform_block["required_version"])
     providers = terraform_block["required_providers"]
     providers = providers[0] if isinstance(providers, list) else providers
-    if module == "agent-bootstrap":
+    if module in PROVIDER_FREE:
         assert providers in ({}, [], None)
         return
     cloud = module.removesuffix("-agent")

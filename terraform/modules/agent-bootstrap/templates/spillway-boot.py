@@ -434,13 +434,23 @@ def prepare(settings_path: Path, config_path: Path, run_dir: Path, user: str) ->
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+_ENV_LINE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def check_environment(text: str, where: str) -> None:
+    """Refuse an environment file systemd would misread: NAME=value lines and # comments."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip() and not line.lstrip().startswith("#") and not _ENV_LINE.match(line):
+            raise BootError(f"{where}: line {number} is not NAME=value")
+
+
 def fetch_files(settings: dict[str, Any], part: str, run_dir: Path, user: str) -> list[Path]:
     """Write the files ``settings['files'][part]`` lists into ``run_dir`` (the unit's tmpfs).
 
     Each entry is ``{name, content}`` for public text (a CA certificate; mode 0444) or
     ``{name, field, what, format, source}`` for a secret fetched by reference like the agent's
-    token (mode 0400; ``format``: ``word``, ``pem`` or ``text``). Every secret is fetched
-    before any file is written.
+    token (mode 0400; ``format``: ``word``, ``pem``, ``text`` or ``env``, an environment file).
+    Every secret is fetched before any file is written.
     """
     entries = settings["files"][part]
     entry = pwd.getpwnam(user)
@@ -453,23 +463,22 @@ def fetch_files(settings: dict[str, Any], part: str, run_dir: Path, user: str) -
             contents.append((name, item["content"], 0o444))
             continue
         field, what, form = item["field"], item["what"], item["format"]
-        reference = {
-            field: item["source"],
-            "identity_client_id": settings.get("identity_client_id"),
-        }
+        source = item["source"]
+        where = f"{what} in {source['kind']} {source['ref']}"
+        reference = {field: source, "identity_client_id": settings.get("identity_client_id")}
         if form == "word":
             value = read_word(reference, field, what) + "\n"
         elif form == "pem":
             value = read_pem(reference, field, what)
-        elif form == "text":
+        elif form in ("text", "env"):
             value = fetch_secret(reference, field, what)
             if not value:
-                raise BootError(
-                    f"{what} in {item['source']['kind']} {item['source']['ref']} is empty"
-                )
+                raise BootError(f"{where} is empty")
+            if form == "env":
+                check_environment(value, where)
             value += "\n"
         else:
-            raise BootError(f"files.{part}: format {form!r} is not word, pem or text")
+            raise BootError(f"files.{part}: format {form!r} is not word, pem, text or env")
         contents.append((name, value, 0o400))
     run_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     written: list[Path] = []
