@@ -1,13 +1,14 @@
 """The simulated world of one deployment: machines, replicas, a router, clouds and a clock.
 
 Replicas are :class:`~agent.runtimes.simulated_model.BatchingModel` instances, the model the
-simulated runtime serves with. Requests are routed when they arrive to the healthy replica with
-the fewest requests in flight, reserved replicas first on ties; a replica being drained takes no
-new ones. Machines rented from a cloud are billed from the accepted launch call to termination,
-rounded as the cloud bills; each launch attempt (one offer, one zone) can fail for capacity with
-the cloud's probability, which marks the zone in a capacity memory as the adapters do, and the
-provision walks on to the next zone and offer. A machine boots, downloads the weights at the
-prefetch rate, starts the replica, and only then takes traffic.
+simulated runtime serves with. Requests reach them through the deployment's simulated gateway
+(:mod:`simulator.gateway`): the gateway's own routing function, reserved before rented before
+managed endpoints, inside the residency lock, then its bounded queue; a replica being drained
+takes no new ones. Machines rented from a cloud are billed from the accepted launch call to
+termination, rounded as the cloud bills; each launch attempt (one offer, one zone) can fail for
+capacity with the cloud's probability, which marks the zone in a capacity memory as the adapters
+do, and the provision walks on to the next zone and offer. A machine boots, downloads the
+weights at the prefetch rate, starts the replica, and only then takes traffic.
 
 Who decides what to start and stop is a :class:`Controller`, called every tick: Spillway's own
 planning (:mod:`simulator.controllers`) or a baseline. The cluster only carries out
@@ -28,16 +29,24 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent.runtimes.simulated_model import BatchingModel, GpuProfile, Progress, RequestRejected
+from decisions.endpoints import GatewayRouting, ManagedEndpoint
 from decisions.fleetview import AgentView, FleetSnapshot, ReplicaState, ReplicaView
+from decisions.policy import Lock
+from decisions.routing import Tier
+from simulator.gateway import MANAGED, REJECTED, RESERVED, SPILLED, Dispatch, SimGateway
 from simulator.settings import SimSettings
 from simulator.trace import Trace
+
+__all__ = ["MANAGED", "OWNED", "REJECTED", "RESERVED", "SPILLED", "Cluster", "TooManyMisses"]
 
 #: The provider label of machines the operator owns (not rented from a cloud).
 OWNED = "owned"
 #: The pool label of rented machines (never one of a deployment's reserved pools).
 RENTED_POOL = "spillover"
-#: ``Outcome`` codes per request.
-RESERVED, SPILLED, REJECTED = 0, 1, 2
+
+
+class TooManyMisses(Exception):
+    """A run stopped early: more requests missed the TTFT target than its budget allows."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +90,21 @@ class Replica:
     drain_started_at: float | None = None
     last_finish_at: float = 0.0
     served: int = 0
+    #: As the gateway sees it: its tier, labels, cap and when it became healthy.
+    tier: Tier = Tier.RESERVED
+    residency_group: str = ""
+    cloud: str = ""
+    region: str = ""
+    cap: int = 1
+    healthy_since: float = -math.inf
 
     @property
     def spilled(self) -> bool:
         return self.machine.rented
+
+    @property
+    def in_flight(self) -> int:
+        return self.model.in_flight
 
 
 @dataclass(slots=True)
@@ -130,6 +150,11 @@ class Cluster:
         weights_bytes: float = 0.0,
         residency_of: Callable[[str, str], str] = lambda cloud, region: "",
         seed_offset: int = 0,
+        lock: Lock | None = None,
+        routing: GatewayRouting | None = None,
+        managed: Sequence[ManagedEndpoint] = (),
+        reserved_pools: Sequence[str] = (),
+        miss_budget: int | None = None,
     ) -> None:
         self.deployment = deployment
         #: GPUs of one replica, and of each machine rented for one.
@@ -158,7 +183,35 @@ class Cluster:
         self.rejections: dict[str, int] = {}
         self._active: list[Replica] = []  # starting, healthy or draining: advanced as time goes
         self._serving: list[Replica] = []  # healthy: takes new requests
-        self._backlog: deque[int] = deque()
+        self.reserved_pools = frozenset(reserved_pools)
+        routing = routing or GatewayRouting()
+        cap = profile.max_running_requests
+        if routing.max_concurrency_per_replica:
+            cap = min(cap, routing.max_concurrency_per_replica)
+        self.replica_cap = cap
+        #: Stop the run (:class:`TooManyMisses`) once more requests than this missed the target.
+        self.miss_budget = miss_budget
+        self.misses = 0
+        self.gateway = SimGateway(
+            lock or Lock(None, None, None),
+            routing,
+            managed,
+            profile,
+            trace.input_tokens,
+            trace.output_tokens,
+            trace.arrivals,
+            Dispatch(
+                now=lambda: self.now,
+                replicas=lambda: self._serving,
+                submit=self._submit,  # type: ignore[arg-type]
+                managed_done=self._managed_done,
+                reject=self._reject,
+                at=self.at,
+                refresh=self._advance_all,
+            ),
+            managed_output_tokens_per_s=settings.managed_output_tokens_per_s,
+            poll_s=settings.gateway_poll_s,
+        )
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
         self._ids = 0
@@ -196,6 +249,11 @@ class Cluster:
             tuple(gpu_indices),
             BatchingModel(self.profile, self.now, fast_forward=self.settings.fast_forward),
             ReplicaState.STARTING,
+            tier=Tier.RESERVED if machine.pool in self.reserved_pools else Tier.RENTED,
+            residency_group=machine.residency_label,
+            cloud=machine.provider,
+            region=machine.region,
+            cap=self.replica_cap,
         )
         self.replicas[replica_id] = replica
         self._active.append(replica)
@@ -205,11 +263,13 @@ class Cluster:
                 return
             replica.state = ReplicaState.HEALTHY
             replica.model.advance(self.now)
+            # A fleet already serving at the start is warm, as the gateway takes it.
+            replica.healthy_since = self.now if self.now > 0 else -math.inf
             self._serving.append(replica)
             self._event("healthy", replica_id, f"serving on {_where(machine)}")
             if on_ready is not None:
                 on_ready()
-            self._drain_backlog()
+            self.gateway.pump()
 
         if ready_at <= self.now:
             ready()
@@ -366,7 +426,9 @@ class Cluster:
                     stats.token_usage,
                 )
             )
-        return FleetSnapshot(agents, tuple(replicas))
+        return FleetSnapshot(
+            agents, tuple(replicas), {self.deployment: self.gateway.load(self.now)}
+        )
 
     def rented_machines_now(self) -> int:
         return sum(
@@ -430,31 +492,22 @@ class Cluster:
         for replica in self.replicas.values():
             self._collect(replica, replica.model.advance(math.inf))
         self._finish_drains(final=True)
-        for request in self._backlog:
+        for request in self.gateway.queue:
             self._reject(request, "no replica came up before the end of the trace")
-        self._backlog.clear()
+        self.gateway.queue.clear()
 
     # -- internals -----------------------------------------------------------------------------
 
     def _arrive(self, request: int) -> None:
         self.arrivals_seen.append(self.now)
         self._advance_all()
-        if not self._serving:
-            self._backlog.append(request)
-            return
-        self._route(request)
+        self.gateway.arrive(request)
         if self._release_controllers:
             self._finish_drains()
 
-    def _route(self, request: int) -> None:
-        best = self._serving[0]
-        best_key = (best.model.in_flight, best.spilled)
-        for replica in self._serving[1:]:
-            key = (replica.model.in_flight, replica.spilled)
-            if key < best_key:
-                best, best_key = replica, key
+    def _submit(self, replica: Replica, request: int) -> bool:
         try:
-            best.model.submit(
+            replica.model.submit(
                 str(request),
                 self.trace.input_tokens[request],
                 self.trace.output_tokens[request],
@@ -462,17 +515,27 @@ class Cluster:
             )
         except RequestRejected as exc:
             self._reject(request, _why(str(exc)))
-            return
-        self.outcome[request] = SPILLED if best.spilled else RESERVED
-        best.served += 1
+            return False
+        self.outcome[request] = SPILLED if replica.spilled else RESERVED
+        replica.served += 1
+        return True
+
+    def _managed_done(self, request: int, ttft: float, e2e: float) -> None:
+        self.outcome[request] = MANAGED
+        self.ttft[request] = ttft
+        self.e2e[request] = e2e
+        if ttft > self.settings.ttft_slo_s:
+            self._missed()
 
     def _reject(self, request: int, reason: str) -> None:
         self.outcome[request] = REJECTED
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
+        self._missed()
 
-    def _drain_backlog(self) -> None:
-        while self._backlog and self._serving:
-            self._route(self._backlog.popleft())
+    def _missed(self) -> None:
+        self.misses += 1
+        if self.miss_budget is not None and self.misses > self.miss_budget:
+            raise TooManyMisses(f"{self.misses} requests missed the TTFT target by {self.now:.0f}s")
 
     def _advance_all(self) -> None:
         now = self.now
@@ -491,6 +554,8 @@ class Cluster:
             assert p.first_token_at is not None
             self.ttft[index] = p.first_token_at - arrived
             self.e2e[index] = p.at - arrived
+            if p.first_token_at - arrived > self.settings.ttft_slo_s:
+                self._missed()
             if p.at > replica.last_finish_at:
                 replica.last_finish_at = p.at
 

@@ -1,4 +1,4 @@
-"""Who decides, in a simulation: Spillway's own planning, or the on-demand baseline.
+"""Who decides, in a simulation: Spillway's own planning, the on-demand baseline, or nobody.
 
 :class:`SpillwayController` is the deployment workflow's loop without Temporal: every tick it
 calls :func:`decisions.planning.plan_step`, the same function the ``plan_deployment`` activity
@@ -138,6 +138,22 @@ def allowed_offers(
     if not spill_providers(policy, dep):  # none allowed and no credentials: nothing to rent
         return []
     return offers_in_lock(policy, dep, catalog, skip_zone)
+
+
+class IdleController:
+    """Decides nothing: a scenario with no replicas to scale (everything to managed endpoints)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+
+    def tick(self, cluster: Cluster, now: float) -> None:
+        cluster.signal = None
+
+    def provision_finished(self, replica_id: str, ok: bool, now: float) -> None:
+        return None
+
+    def release_finished(self, replica_id: str, now: float) -> None:
+        return None
 
 
 class OnDemandController:

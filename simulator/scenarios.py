@@ -1,38 +1,51 @@
-"""Three ways to serve the same trace, simulated side by side, and what each one cost.
+"""Ways to serve the same trace, simulated side by side, and what each one cost.
 
-- ``reserved-only``: the reserved GPUs and nothing else (the policy with spillover off).
-- ``on-demand``: no reserved GPUs; every replica rented on demand and scaled by request rate,
-  the way a SkyServe-style service scales.
-- ``policy``: the policy as written: reserved first, spilling inside its lock.
+With the customer's reserved GPUs (committed: paid for either way):
 
-All three see the same requests, the same replica model and the same clouds. Reserved GPUs are
-paid for the whole time, used or not, at the committed price; rented machines are paid from
-launch to termination, as their cloud bills.
+- ``reserved-only``: the reserved GPUs and nothing else (no spilling, no managed endpoints).
+- ``reserved-for-peak``: the smallest static reservation that holds the SLO without spilling
+  (found by :func:`simulator.searches.peak_reservation`).
+- ``rent-only``: the policy with its managed endpoints removed: reserved, then rented.
+- ``policy``: the policy as written: reserved, rented, managed overflow, inside its lock.
+
+Without a reservation, for the decision whether to reserve at all:
+
+- ``on-demand``: every replica rented on demand and scaled by request rate, the way a
+  SkyServe-style service scales, at its best target (:func:`simulator.searches.on_demand_target`).
+- ``managed-only``: everything to the deployment's managed endpoints.
+
+And ``hindsight-bound`` (:mod:`simulator.hindsight`), computed rather than played: the cheapest
+way to serve the overflow beyond the same reserved GPUs knowing the future.
+
+All see the same requests through the same simulated gateway, the same replica model and the
+same clouds. Reserved GPUs are paid for the whole time, used or not, at the committed price;
+rented machines are paid from launch to termination, as their cloud bills; managed endpoints
+per token at their list prices.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.runtimes.simulated_model import GpuProfile, profile_for_gpu
 from common.configfile import InputError
+from decisions.endpoints import ManagedEndpoint
 from decisions.policy import Deployment, Lock, Policy, resolve_lock
 from providers.catalog import Catalog, Offer, OfferRequest, default_catalog
 from providers.errors import ProviderError
-from simulator.cluster import OWNED, REJECTED, RESERVED, SPILLED, Cluster, Machine
+from simulator.cluster import OWNED, Cluster, Machine
 from simulator.controllers import (
+    IdleController,
     OnDemandController,
     SpillwayController,
     allowed_offers,
     launch_option,
 )
 from simulator.probes import (
-    percentile,
     replica_capacity,
     replica_throughput,
     replicas_for_mean_load,
@@ -41,7 +54,21 @@ from simulator.probes import (
 from simulator.settings import SimSettings
 from simulator.trace import Trace
 
-SCENARIOS = ("reserved-only", "on-demand", "policy")
+#: Every scenario, in the order they are shown.
+SCENARIOS = (
+    "reserved-only",
+    "reserved-for-peak",
+    "rent-only",
+    "policy",
+    "on-demand",
+    "managed-only",
+    "hindsight-bound",
+)
+#: The scenarios played through the simulated world (the bound is computed).
+PLAYED = SCENARIOS[:-1]
+#: Scenarios that use the customer's reserved GPUs.
+WITH_RESERVED = frozenset({"reserved-only", "reserved-for-peak", "rent-only", "policy"})
+WITH_RESERVED |= {"hindsight-bound"}
 #: Share of requests a scenario must keep within the TTFT target to count as holding it.
 SLO_SHARE = 0.99
 
@@ -64,9 +91,8 @@ class Setup:
     offers: tuple[Offer, ...]
     params_b: float
     weights_bytes: float
-    #: Requests per second one replica holds within the TTFT target (None: not measured,
-    #: the on-demand baseline's target was given).
-    replica_capacity_rps: float | None
+    #: Requests per second one replica holds within the TTFT target in a load test.
+    replica_capacity_rps: float
     #: Requests per second one replica finishes flat out (for utilization).
     replica_throughput_rps: float
     reserved_machines: int
@@ -76,6 +102,8 @@ class Setup:
     on_demand_usd_per_gpu_hour: float
     reserved_usd_per_gpu_hour: float
     target_qps_per_replica: float
+    #: The deployment's managed endpoints inside its lock (route() uses no other).
+    managed: tuple[ManagedEndpoint, ...] = ()
     notes: tuple[str, ...] = ()
 
     @property
@@ -129,15 +157,13 @@ def prepare(
     lock = resolve_lock(policy, dep, catalog)
     slo, seed, probe = settings.ttft_slo_s, settings.seed, settings.probe_requests
     sizes = request_sizes(trace, seed)
-    capacity: float | None = None
-    if settings.on_demand.target_qps_per_replica is None:
-        capacity = replica_capacity(profile, sizes, slo, seed, probe, settings.fast_forward)
-        if capacity <= 0:
-            raise SimulationError(
-                f"one replica of {dep.model} on {dep.gpus}x {dep.sku} cannot keep the time to "
-                f"first token within {slo:g}s for this trace's requests even when idle; set "
-                "on_demand.target_qps_per_replica in the settings to run the baseline anyway"
-            )
+    capacity = replica_capacity(profile, sizes, slo, seed, probe, settings.fast_forward)
+    if capacity <= 0 and settings.on_demand.target_qps_per_replica is None:
+        raise SimulationError(
+            f"one replica of {dep.model} on {dep.gpus}x {dep.sku} cannot keep the time to "
+            f"first token within {slo:g}s for this trace's requests even when idle; set "
+            "on_demand.target_qps_per_replica in the settings to run the baseline anyway"
+        )
     reserved = settings.reserved
     per_machine = reserved.gpus_per_machine or dep.gpus
     if per_machine < dep.gpus:
@@ -167,7 +193,7 @@ def prepare(
     on_demand_price = _price_per_gpu_hour(offers, dep, catalog)
     reserved_price = reserved.usd_per_gpu_hour or on_demand_price * (1 - reserved.discount)
     target_qps = settings.on_demand.target_qps_per_replica or capacity
-    assert target_qps is not None
+    managed = tuple(e for e in dep.managed if lock.allows_group(e.residency_group))
     return Setup(
         deployment=deployment,
         dep=dep,
@@ -187,6 +213,7 @@ def prepare(
         on_demand_usd_per_gpu_hour=on_demand_price,
         reserved_usd_per_gpu_hour=reserved_price,
         target_qps_per_replica=target_qps,
+        managed=managed,
         notes=tuple(notes),
     )
 
@@ -212,23 +239,45 @@ class ScenarioResult:
     wall_s: float
     lock_errors: list[str] = field(default_factory=list)
     plans: int = 0
+    cost_managed: float = 0.0
+    #: What the scenario was run with (a searched target, a searched reservation).
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cost_overflow(self) -> float:
+        """Everything beyond the reservation: rented machines and managed endpoints."""
+        return self.cost_rented + self.cost_managed
 
     @property
     def cost_total(self) -> float:
-        return self.cost_reserved + self.cost_rented
+        return self.cost_reserved + self.cost_overflow
 
 
-def _without_spill(policy: Policy, name: str) -> Policy:
+def _with(policy: Policy, name: str, **update: Any) -> Policy:
+    dep = policy.deployments[name].model_copy(update=update)
+    return policy.model_copy(update={"deployments": {**policy.deployments, name: dep}})
+
+
+def without_managed(policy: Policy, name: str) -> Policy:
+    return _with(policy, name, managed=[])
+
+
+def reserved_alone(policy: Policy, name: str, replicas: int | None = None) -> Policy:
+    """The deployment on its reserved GPUs only: no spilling, no managed endpoints; with
+    ``replicas``, allowed that many (a larger static reservation)."""
     dep = policy.deployments[name]
     spill = dep.spillover.model_copy(update={"enabled": False})
-    changed = dep.model_copy(update={"spillover": spill})
-    return policy.model_copy(update={"deployments": {**policy.deployments, name: changed}})
+    update: dict[str, Any] = {"spillover": spill, "managed": []}
+    if replicas is not None and replicas > dep.max_replicas:
+        update["max_replicas"] = replicas
+    return _with(policy, name, **update)
 
 
-def _reserved_fleet(setup: Setup, cluster: Cluster) -> None:
+def _reserved_fleet(setup: Setup, cluster: Cluster, machines: int, max_replicas: int) -> int:
+    """The reserved machines, their replicas already serving; the replicas placed."""
     dep = setup.dep
     placed = 0
-    for index in range(setup.reserved_machines):
+    for index in range(machines):
         machine = cluster.add_machine(
             Machine(
                 machine_id=f"reserved-{index + 1}",
@@ -243,11 +292,12 @@ def _reserved_fleet(setup: Setup, cluster: Cluster) -> None:
         if setup.reserved_pool not in dep.pools:
             continue
         # A running fleet: reserved GPUs already serve (up to max_replicas), from the start.
-        while len(machine.free_gpus) >= dep.gpus and placed < dep.max_replicas:
+        while len(machine.free_gpus) >= dep.gpus and placed < max_replicas:
             cluster.place_replica(
                 cluster.new_id("replica"), machine, machine.free_gpus[: dep.gpus], 0.0
             )
             placed += 1
+    return placed
 
 
 def billed_seconds(settings: SimSettings, cloud: str, seconds: float, ended: bool) -> float:
@@ -289,38 +339,74 @@ def spill_episodes(cluster: Cluster) -> list[Episode]:
     return episodes
 
 
-def run_scenario(name: str, setup: Setup, trace: Trace, settings: SimSettings) -> ScenarioResult:
-    """Simulate one of :data:`SCENARIOS` over the whole trace."""
+def miss_budget(trace: Trace, share: float = SLO_SHARE) -> int:
+    """The most requests that may miss the TTFT target while ``share`` of them still hold it."""
+    return len(trace) - math.ceil(share * len(trace) - 1e-9)
+
+
+def run_scenario(
+    name: str,
+    setup: Setup,
+    trace: Trace,
+    settings: SimSettings,
+    *,
+    reserved_machines: int | None = None,
+    target_qps: float | None = None,
+    stop_after_misses: int | None = None,
+) -> ScenarioResult:
+    """Simulate one of :data:`PLAYED` over the whole trace.
+
+    ``reserved_machines`` sizes the reservation of ``reserved-for-peak`` (default: the
+    setup's), ``target_qps`` the on-demand baseline's target (default: the setup's). With
+    ``stop_after_misses`` the run ends with :class:`~simulator.cluster.TooManyMisses` as soon as
+    more requests than that have missed the TTFT target (the searches' early stop).
+    """
+    if name not in PLAYED:
+        raise ValueError(f"no scenario {name!r}; expected one of {', '.join(PLAYED)}")
     started = time.perf_counter()
     catalog = setup.catalog
+    dep = setup.dep
+    machines = setup.reserved_machines if reserved_machines is None else reserved_machines
+    uses_reserved = name in WITH_RESERVED
+    if name == "reserved-for-peak":
+        policy = reserved_alone(setup.policy, setup.deployment, machines * _per_machine(setup))
+    elif name == "reserved-only":
+        policy = reserved_alone(setup.policy, setup.deployment)
+    elif name in ("rent-only", "on-demand"):
+        policy = without_managed(setup.policy, setup.deployment)
+    else:
+        policy = setup.policy
+    managed = setup.managed if name in ("policy", "managed-only") else ()
     cluster = Cluster(
         setup.deployment,
         trace,
         setup.profile,
         settings,
-        replica_gpus=setup.dep.gpus,
+        replica_gpus=dep.gpus,
         weights_bytes=setup.weights_bytes,
         residency_of=lambda cloud, region: catalog.region(cloud, region).residency,
         seed_offset=SCENARIOS.index(name),
+        lock=setup.lock,
+        routing=dep.gateway,
+        managed=managed,
+        reserved_pools=dep.pools if uses_reserved else (),
+        miss_budget=stop_after_misses,
     )
-    reserved_gpus = 0
+    reserved_gpus = machines * setup.gpus_per_machine if uses_reserved else 0
     lock_errors: list[str] = []
     plans = 0
+    parameters: dict[str, Any] = {}
     if name == "on-demand":
         if not setup.offers:
             raise SimulationError(
-                f"no offer for {setup.dep.gpus}x {setup.dep.sku} inside the lock of "
+                f"no offer for {dep.gpus}x {dep.sku} inside the lock of "
                 f"{setup.deployment}: the on-demand baseline has nothing to rent"
             )
+        target = setup.target_qps_per_replica if target_qps is None else target_qps
+        parameters["target_qps_per_replica"] = target
         window = settings.on_demand.qps_window_s
         first = sum(1 for t in trace.arrivals if t < window) / window
-        controller_od = OnDemandController(
-            setup.policy,
-            setup.deployment,
-            catalog,
-            settings,
-            setup.target_qps_per_replica,
-        )
+        controller_od = OnDemandController(policy, setup.deployment, catalog, settings, target)
         # A running service: the replicas the first window asks for already serve.
         cheapest = launch_option(setup.offers[0])
         for _ in range(controller_od.target(first)):
@@ -329,12 +415,19 @@ def run_scenario(name: str, setup: Setup, trace: Trace, settings: SimSettings) -
             cluster.place_replica(replica_id, machine, machine.free_gpus, 0.0)
             controller_od.launched.append(replica_id)
         cluster.run(controller_od)
+    elif name == "managed-only":
+        if not managed:
+            raise SimulationError(
+                f"{setup.deployment} has no managed endpoint inside its lock: "
+                "there is no managed-only scenario"
+            )
+        cluster.run(IdleController(settings.decide_every_s))
     else:
-        policy = (
-            setup.policy if name == "policy" else _without_spill(setup.policy, setup.deployment)
-        )
-        _reserved_fleet(setup, cluster)
-        reserved_gpus = setup.reserved_gpus
+        limit = policy.deployments[setup.deployment].max_replicas
+        placed = _reserved_fleet(setup, cluster, machines, limit)
+        if name == "reserved-for-peak":
+            parameters["reserved_machines"] = machines
+            parameters["reserved_replicas"] = placed
         controller = SpillwayController(policy, setup.deployment, catalog, settings)
         cluster.run(controller)
         lock_errors = controller.lock_errors
@@ -350,134 +443,10 @@ def run_scenario(name: str, setup: Setup, trace: Trace, settings: SimSettings) -
         wall_s=time.perf_counter() - started,
         lock_errors=lock_errors,
         plans=plans,
+        cost_managed=cluster.gateway.managed_cost_usd,
+        parameters=parameters,
     )
 
 
-def _percentiles(sorted_values: Sequence[float]) -> dict[str, float]:
-    return {f"p{q}": percentile(sorted_values, q) for q in (50, 90, 99)}
-
-
-def slo_attainment(cluster: Cluster, slo_s: float) -> float:
-    """Share of the trace's requests served with a time to first token within ``slo_s``
-    (rejected requests count as misses)."""
-    outcome, ttft = cluster.outcome, cluster.ttft
-    within = sum(
-        1 for i in range(len(outcome)) if outcome[i] in (RESERVED, SPILLED) and ttft[i] <= slo_s
-    )
-    return within / len(outcome)
-
-
-def summarize(result: ScenarioResult, setup: Setup, settings: SimSettings) -> dict[str, Any]:
-    """The numbers of one scenario, as plain data (the JSON output and the table use them)."""
-    c = result.cluster
-    trace = c.trace
-    outcome = c.outcome
-    served = [i for i in range(len(trace)) if outcome[i] in (RESERVED, SPILLED)]
-    ttft = sorted(c.ttft[i] for i in served)
-    e2e = sorted(c.e2e[i] for i in served)
-    slo = settings.ttft_slo_s
-    on_reserved = sum(1 for i in served if outcome[i] == RESERVED)
-    output_tokens = sum(trace.output_tokens[i] for i in served)
-    rejected = sum(1 for i in range(len(trace)) if outcome[i] == REJECTED)
-    lost = len(trace) - len(served) - rejected
-    horizon = c.horizon
-    reserved_busy = sum(
-        r.model.busy_s * len(r.gpu_indices) for r in c.replicas.values() if not r.spilled
-    )
-    reserved_replicas = result.reserved_gpus // setup.dep.gpus
-    violations = 0
-    for replica in c.replicas.values():
-        m = replica.machine
-        inside = (
-            setup.lock.allows_region(m.provider, m.region)
-            if m.rented
-            else setup.lock.allows_agent(m.residency_label)
-        )
-        if not inside:
-            violations += replica.served
-    durations = [e.duration_s for e in result.episodes]
-    total = result.cost_total
-    return {
-        "scenario": result.name,
-        "requests": len(trace),
-        "served": len(served),
-        "served_on_reserved": on_reserved,
-        "served_on_rented": len(served) - on_reserved,
-        "rejected": rejected,
-        "rejections": dict(c.rejections),
-        "lost": lost,
-        "ttft_s": _percentiles(ttft),
-        "e2e_s": _percentiles(e2e),
-        "slo_ttft_s": slo,
-        "slo_attainment": slo_attainment(c, slo),
-        "output_tokens": output_tokens,
-        "cost_usd": {
-            "reserved": result.cost_reserved,
-            "rented": result.cost_rented,
-            "total": total,
-        },
-        "usd_per_million_output_tokens": total / output_tokens * 1e6 if output_tokens else None,
-        "reserved_gpus": result.reserved_gpus,
-        # The load the reserved replicas served, against what they finish flat out...
-        "reserved_utilization": (
-            on_reserved / (reserved_replicas * setup.replica_throughput_rps * horizon)
-            if reserved_replicas and horizon > 0
-            else None
-        ),
-        # ... and the share of time they were running an iteration (as nvidia-smi counts it).
-        "reserved_busy": (
-            min(1.0, reserved_busy / (result.reserved_gpus * horizon))
-            if result.reserved_gpus and horizon > 0
-            else None
-        ),
-        "rented_machines": sum(1 for m in c.machines.values() if m.rented),
-        "peak_rented_machines": max((t.rented for t in c.ticks), default=0),
-        "spill_episodes": {
-            "count": len(result.episodes),
-            "total_s": sum(durations),
-            "mean_s": sum(durations) / len(durations) if durations else 0.0,
-            "longest_s": max(durations, default=0.0),
-        },
-        "events": dict(Counter(event.kind for event in c.events)),
-        "residency_violations": violations,
-        "lock_errors": result.lock_errors,
-        "decisions": result.plans or len(c.ticks),
-        "wall_s": result.wall_s,
-    }
-
-
-TUNE_WINDOW_S = 3600.0
-TUNE_STEPS = 6
-
-
-def tune_on_demand(setup: Setup, trace: Trace, settings: SimSettings) -> tuple[float, str]:
-    """The largest target requests/s per replica with which the on-demand baseline keeps
-    :data:`SLO_SHARE` within the TTFT target on the trace's first hour (bisection; a
-    higher target rents fewer replicas, so it is the cheapest such setting), and a note."""
-    start = setup.replica_capacity_rps or setup.target_qps_per_replica
-    sample = trace.head(TUNE_WINDOW_S)
-
-    def holds(target: float) -> bool:
-        trial = replace(setup, target_qps_per_replica=target)
-        result = run_scenario("on-demand", trial, sample, settings)
-        return slo_attainment(result.cluster, settings.ttft_slo_s) >= SLO_SHARE
-
-    low, high = 0.25 * start, 2.0 * start
-    if holds(high):
-        return high, f"on-demand target {high:.2f} requests/s per replica (the highest tried)"
-    if not holds(low):
-        return low, (
-            f"on-demand target {low:.2f} requests/s per replica: even this misses "
-            f"{SLO_SHARE:.0%} within the TTFT target on the first hour"
-        )
-    for _ in range(TUNE_STEPS):
-        middle = (low + high) / 2
-        if holds(middle):
-            low = middle
-        else:
-            high = middle
-    hours = sample.duration_s / 3600
-    return low, (
-        f"on-demand target tuned to {low:.2f} requests/s per replica: the highest that keeps "
-        f"{SLO_SHARE:.0%} within the TTFT target over the first {hours:.1f} h"
-    )
+def _per_machine(setup: Setup) -> int:
+    return max(1, setup.gpus_per_machine // setup.dep.gpus)

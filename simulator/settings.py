@@ -122,8 +122,25 @@ class OnDemandBaseline(Strict):
     tune: bool = Field(
         default=True,
         description="With no target given: the largest target that keeps 99% of requests "
-        "within the TTFT target over the trace's first hour (the cheapest on-demand service an "
-        "operator could tune); off: the rate one replica holds in a load test.",
+        "within the TTFT target on the tuning data (the cheapest on-demand service an operator "
+        "could tune; see --tune-on); off: the rate one replica holds in a load test.",
+    )
+
+    @field_validator("target_range")
+    @classmethod
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low < high:
+            raise ValueError(f"expected [LOW, HIGH] with 0 < LOW < HIGH, got [{low:g}, {high:g}]")
+        return value
+
+    target_range: tuple[float, float] = Field(
+        default=(0.05, 4.0),
+        description="The targets searched, as multiples of what one replica holds in a load "
+        "test: from LOW to HIGH, evenly on a log scale.",
+    )
+    search_points: int = Field(
+        default=33, ge=2, le=257, description="Targets on that scale (bisection visits ~6)."
     )
     upscale_delay_s: float = Field(default=300, ge=0)
     downscale_delay_s: float = Field(default=1200, ge=0)
@@ -184,6 +201,25 @@ class SimSettings(Strict):
     fast_forward: bool = Field(
         default=True,
         description="Apply runs of identical decode steps at once (exact; off only to compare).",
+    )
+    managed_output_tokens_per_s: float = Field(
+        default=60,
+        gt=0,
+        description="How fast a managed endpoint streams output tokens to one request "
+        "(assumption: hosted 8B-70B APIs commonly stream 50-150 tokens/s; its time to first "
+        "token is our idle replica's prefill plus the endpoint's added_latency_s).",
+    )
+    gateway_poll_s: float = Field(
+        default=0.1,
+        gt=0,
+        le=5,
+        description="While requests wait in the gateway queue, routing is re-run this often "
+        "(besides whenever a replica becomes healthy or a managed request ends).",
+    )
+    hindsight_bucket_s: float = Field(
+        default=10,
+        gt=0,
+        description="The hindsight bound plans capacity in steps of this many seconds.",
     )
     clouds: dict[str, CloudModel] = Field(default_factory=_default_clouds)
     reserved: ReservedFleet = Field(default_factory=ReservedFleet)

@@ -185,7 +185,7 @@ class ModelStats:
     prefix_cache_tokens: int = 0  # KV tokens the prefix cache holds, in use or evictable
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: list.remove must not compare fields
 class _Request:
     request_id: str
     prompt_tokens: int
