@@ -12,12 +12,15 @@ from typing import Any
 
 from rich.table import Table
 
-from simulator.cluster import REJECTED, RESERVED, SPILLED, Cluster
+from simulator.cluster import MANAGED, REJECTED, RESERVED, SPILLED, Cluster
 from simulator.probes import percentile
 from simulator.scenarios import SLO_SHARE, ScenarioResult, billed_seconds
 
 BUCKET_S = 60.0
-OUTCOMES = {RESERVED: "reserved", SPILLED: "rented", REJECTED: "rejected"}
+OUTCOMES = {RESERVED: "reserved", SPILLED: "rented", REJECTED: "rejected", MANAGED: "managed"}
+_SERVED = (RESERVED, SPILLED, MANAGED)
+#: Computed, not a way to serve: shown, never ranked or called cheapest.
+BOUND = "hindsight-bound"
 
 
 def series(result: ScenarioResult, bucket_s: float = BUCKET_S) -> dict[str, list[Any]]:
@@ -34,7 +37,7 @@ def series(result: ScenarioResult, bucket_s: float = BUCKET_S) -> dict[str, list
     for i, at in enumerate(c.trace.arrivals):
         b = min(buckets - 1, int(at // bucket_s))
         arrivals[b] += 1
-        if c.outcome[i] in (RESERVED, SPILLED):
+        if c.outcome[i] in _SERVED:
             ttfts[b].append(c.ttft[i])
     reserved = [0] * buckets
     rented = [0] * buckets
@@ -67,7 +70,16 @@ def series(result: ScenarioResult, bucket_s: float = BUCKET_S) -> dict[str, list
         "ttft_p99_s": p99,
         "reserved_usd": _spread(result.cost_reserved, 0.0, c.horizon, buckets, bucket_s),
         "rented_usd": _rented_spend(c, buckets, bucket_s),
+        "managed_usd": _managed_spend(c, buckets, bucket_s),
     }
+
+
+def _managed_spend(c: Cluster, buckets: int, bucket_s: float) -> list[float]:
+    """What the managed endpoints billed per bucket (each request when it was sent)."""
+    out = [0.0] * buckets
+    for at, usd in c.gateway.spend:
+        out[min(buckets - 1, int(at // bucket_s))] += usd
+    return out
 
 
 def _spread(usd: float, start: float, end: float, buckets: int, bucket_s: float) -> list[float]:
@@ -109,12 +121,56 @@ def _round(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 4)
 
 
+def _holds(s: Mapping[str, Any], share: float) -> bool:
+    return bool(s["slo_attainment"] >= share - 1e-12)
+
+
+def ranking(
+    summaries: Mapping[str, dict[str, Any]],
+    hours: float,
+    reserved_usd_per_gpu_hour: float,
+    slo_share: float = SLO_SHARE,
+) -> list[dict[str, Any]]:
+    """Every scenario but the bound, those holding the SLO first, cheapest first, with reserved
+    GPUs priced at ``reserved_usd_per_gpu_hour``."""
+    rows = []
+    for name, s in summaries.items():
+        if name == BOUND:
+            continue
+        cost = s["cost_usd"]
+        total = s["reserved_gpus"] * hours * reserved_usd_per_gpu_hour + cost["overflow"]
+        rows.append(
+            {
+                "scenario": name,
+                "holds_slo": _holds(s, slo_share),
+                "uses_reserved": s["uses_reserved"],
+                "total_usd": total,
+            }
+        )
+    rows.sort(key=lambda r: (not r["holds_slo"], r["total_usd"], r["scenario"]))
+    for place, row in enumerate(rows, 1):
+        row["place"] = place
+    return rows
+
+
 def comparison(
-    summaries: Mapping[str, dict[str, Any]], slo_share: float = SLO_SHARE
+    summaries: Mapping[str, dict[str, Any]],
+    slo_share: float = SLO_SHARE,
+    *,
+    hours: float = 0.0,
+    reserved_usd_per_gpu_hour: float = 0.0,
+    on_demand_usd_per_gpu_hour: float = 0.0,
 ) -> dict[str, Any]:
-    """Which scenarios hold the SLO, which of those is cheapest, and the ratios to the policy."""
-    holding = {name: s for name, s in summaries.items() if s["slo_attainment"] >= slo_share - 1e-12}
-    cheapest = min(holding, key=lambda n: holding[n]["cost_usd"]["total"]) if holding else None
+    """Which scenarios hold the SLO, which of those is cheapest (overall, with the reservation,
+    without it), the ratios to the policy, the policy's overflow against the hindsight bound,
+    and the ranking at the configured reserved price and with no discount at all."""
+    real = {n: s for n, s in summaries.items() if n != BOUND}
+    holding = {name: s for name, s in real.items() if _holds(s, slo_share)}
+
+    def cheapest_of(names: list[str]) -> str | None:
+        return min(names, key=lambda n: holding[n]["cost_usd"]["total"]) if names else None
+
+    cheapest = cheapest_of(list(holding))
     policy = summaries.get("policy")
     ratios = {}
     if policy is not None and policy["cost_usd"]["total"] > 0:
@@ -128,6 +184,20 @@ def comparison(
             runner_up = min(others, key=lambda n: others[n])
             if others[runner_up] > 0:
                 saving = 1 - holding[cheapest]["cost_usd"]["total"] / others[runner_up]
+    bound = summaries.get(BOUND)
+    vs_bound: float | None = None
+    if policy is not None and bound is not None:
+        b = bound["cost_usd"]["overflow"]
+        p = policy["cost_usd"]["overflow"]
+        if b > 0:
+            vs_bound = p / b
+        elif p == 0:
+            vs_bound = 1.0
+    discount = (
+        1 - reserved_usd_per_gpu_hour / on_demand_usd_per_gpu_hour
+        if on_demand_usd_per_gpu_hour > 0
+        else 0.0
+    )
     return {
         "slo_share": slo_share,
         "holding_slo": sorted(holding),
@@ -135,7 +205,21 @@ def comparison(
         "next_cheapest_holding_slo": runner_up,
         #: What the cheapest saves against the next cheapest that also holds (0.4: 40% less).
         "saving_vs_next": saving,
+        "cheapest_with_reserved_holding_slo": cheapest_of(
+            [n for n in holding if holding[n]["uses_reserved"]]
+        ),
+        "cheapest_without_reserved_holding_slo": cheapest_of(
+            [n for n in holding if not holding[n]["uses_reserved"]]
+        ),
+        #: The policy's overflow cost over the bound's (None: the bound spends nothing and the
+        #: policy does).
+        "policy_overflow_vs_hindsight_bound": vs_bound,
         "cost_vs_policy": ratios,
+        "ranking": {
+            "reserved_discount": discount,
+            "at_reserved_discount": ranking(summaries, hours, reserved_usd_per_gpu_hour, slo_share),
+            "at_no_discount": ranking(summaries, hours, on_demand_usd_per_gpu_hour, slo_share),
+        },
     }
 
 
@@ -154,18 +238,40 @@ def verdict(c: Mapping[str, Any]) -> str:
     return line
 
 
+def ranking_lines(c: Mapping[str, Any]) -> list[str]:
+    """The ranking at the configured reserved discount and at none, one line each."""
+    r = c.get("ranking")
+    if not r:
+        return []
+    lines = []
+    for key, label in (
+        ("at_reserved_discount", f"reserved at a {r['reserved_discount'] * 100:.0f}% discount"),
+        ("at_no_discount", "reserved at the on-demand price (0% discount)"),
+    ):
+        order = ", ".join(
+            f"{row['place']}. {row['scenario']} ${row['total_usd']:,.2f}"
+            + ("" if row["holds_slo"] else " (misses)")
+            for row in r[key]
+        )
+        lines.append(f"ranking, {label}: {order}")
+    bound = c.get("policy_overflow_vs_hindsight_bound")
+    if bound is not None:
+        lines.append(f"policy's overflow cost: {bound:.2f}x the hindsight bound's")
+    return lines
+
+
 def table(summaries: Mapping[str, dict[str, Any]], title: str) -> Table:
     out = Table(title=title)
     columns = (
         "scenario",
         "TTFT p50",
         "TTFT p99",
-        "E2E p99",
         "SLO met",
         "reserved $",
         "rented $",
+        "managed $",
+        "overflow $",
         "total $",
-        "$/M out tok",
         "x policy",
         "res. util",
         "spills",
@@ -176,27 +282,29 @@ def table(summaries: Mapping[str, dict[str, Any]], title: str) -> Table:
     policy_total = summaries.get("policy", {}).get("cost_usd", {}).get("total")
     for name, s in summaries.items():
         cost = s["cost_usd"]
-        util = s["reserved_utilization"]
-        per_m = s["usd_per_million_output_tokens"]
+        util = s.get("reserved_utilization")
+        ttft = s.get("ttft_s", {})
+        spills = s.get("spill_episodes", {}).get("count")
+        rejected = s.get("rejected", s.get("missed"))
         out.add_row(
             name,
-            _seconds(s["ttft_s"]["p50"]),
-            _seconds(s["ttft_s"]["p99"]),
-            _seconds(s["e2e_s"]["p99"]),
+            _seconds(ttft.get("p50")),
+            _seconds(ttft.get("p99")),
             f"{s['slo_attainment'] * 100:.2f}%",
             f"{cost['reserved']:,.2f}",
             f"{cost['rented']:,.2f}",
+            f"{cost['managed']:,.2f}",
+            f"{cost['overflow']:,.2f}",
             f"{cost['total']:,.2f}",
-            "-" if per_m is None else f"{per_m:,.2f}",
             f"{cost['total'] / policy_total:.2f}" if policy_total else "-",
             "-" if util is None else f"{util * 100:.0f}%",
-            str(s["spill_episodes"]["count"]),
-            str(s["rejected"]),
+            "-" if spills is None else str(spills),
+            "-" if rejected is None else f"{rejected:,.0f}",
         )
     return out
 
 
-def _seconds(value: float) -> str:
+def _seconds(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.2f}s"
 
 
