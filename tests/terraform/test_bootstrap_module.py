@@ -140,7 +140,7 @@ CASES: dict[str, dict[str, Any]] = {
             "kind": "aws-secretsmanager",
             "ref": "arn:aws:secretsmanager:eu-central-1:123456789012:secret:agent-AbCdEf",
         },
-        "temporal_address": "spillway.a1b2c.tmprl.cloud:7233",
+        "temporal_address": "eu-central-1.aws.api.temporal.io:7233",
         "temporal_namespace": "spillway.a1b2c",
         "temporal_api_key_source": {
             "kind": "aws-secretsmanager",

@@ -73,7 +73,7 @@ CASES: dict[str, dict[str, Any]] = {
         "scheduler_metrics_listen": "",
         "gateway_listen": "0.0.0.0:8080",
         "tokens_source": {"kind": "aws-secretsmanager", "ref": f"{ARN}:tokens"},
-        "temporal_address": "spillway.a1b2c.tmprl.cloud:7233",
+        "temporal_address": "eu-central-1.aws.api.temporal.io:7233",
         "temporal_namespace": "spillway.a1b2c",
         "temporal_api_key_source": {"kind": "aws-secretsmanager", "ref": f"{ARN}:temporal-key"},
         "gateway_token_source": {"kind": "aws-secretsmanager", "ref": f"{ARN}:gw-token"},
@@ -528,3 +528,42 @@ def test_active_active_example_lists_both_schedulers_everywhere(
     agent_data = json.loads(terraform.ok(example, "output", "-json", "agent_user_data").stdout)
     agent = json.loads(files_of(agent_data)["/etc/spillway/agent.yaml"])
     assert agent["scheduler"]["addresses"] == schedulers
+
+
+# --- the README's Production section shows settings that load ---------------------------------
+
+
+def readme_block(title: str) -> Any:
+    text = (TERRAFORM_DIR.parent / "README.md").read_text()
+    production = text[text.index("## Production\n") :]
+    for block in production.split("```yaml\n")[1:]:
+        body = block.split("```", 1)[0]
+        if body.startswith(f"# {title}\n"):
+            return yaml.safe_load(body)
+    raise AssertionError(f"the README's Production section has no yaml block '# {title}'")
+
+
+@pytest.mark.parametrize(
+    "title",
+    [
+        "scheduler.yaml: temporal, a self-hosted cluster behind mutual TLS",
+        "scheduler.yaml: temporal, Temporal Cloud with an API key",
+    ],
+)
+def test_readme_temporal_examples_load(title: str) -> None:
+    from scheduler.config import TemporalSettings
+
+    settings = TemporalSettings.model_validate(readme_block(title)["temporal"])
+    if "mutual" in title:
+        assert settings.tls is not None and settings.tls.key_file is not None
+    else:
+        assert settings.tls is None and settings.api_key_file is not None
+
+
+def test_readme_active_active_scheduler_section_loads() -> None:
+    from common.schedulerlink import SchedulerEndpoint
+
+    endpoint = SchedulerEndpoint.model_validate(
+        readme_block("agent.yaml or gateway.yaml: two schedulers")["scheduler"]
+    )
+    assert endpoint.addresses is not None and len(endpoint.addresses) == 2

@@ -2,8 +2,9 @@
 # scheduler sees every agent (agents report to both), both host a control-plane worker on the
 # same Temporal task queue, and each gateway watches one scheduler's fleet at a time and fails
 # over to the other. Temporal here is a self-hosted cluster behind mutual TLS; for Temporal
-# Cloud set temporal_address to NAMESPACE.ACCOUNT.tmprl.cloud:7233 and temporal_api_key_source
-# instead of the client certificate and key. Pass each user_data to the VM of your cloud.
+# Cloud set temporal_address to its regional endpoint (REGION.CLOUD.api.temporal.io:7233) and
+# temporal_api_key_source instead of the client certificate and key. Pass each user_data to
+# the VM of your cloud.
 terraform {
   required_version = ">= 1.0.0"
 }

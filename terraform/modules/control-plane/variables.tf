@@ -182,7 +182,7 @@ variable "spill" {
 }
 
 variable "temporal_address" {
-  description = "host:port of the Temporal frontend the scheduler's workflows run on (a self-hosted cluster, or NAMESPACE.ACCOUNT.tmprl.cloud:7233)."
+  description = "host:port of the Temporal frontend the scheduler's workflows run on (a self-hosted cluster, or the regional endpoint REGION.CLOUD.api.temporal.io:7233)."
   type        = string
 
   validation {
