@@ -147,7 +147,6 @@ RULES: tuple[Rule, ...] = (
     Rule("azure", "SkuNotAvailable", CapacityError),
     Rule("azure", "QuotaExceeded", QuotaError),
     Rule("azure", "OperationNotAllowed", QuotaError, "quota"),
-    Rule("azure", "OperationNotAllowed", CannotStopError, "deallocat"),
     Rule("azure", "OperationNotAllowed", InvalidRequestError),
     Rule("azure", "AuthenticationFailed", AuthError),
     Rule("azure", "AuthorizationFailed", AuthError),

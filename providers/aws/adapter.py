@@ -1,4 +1,4 @@
-"""The AWS EC2 adapter: launch, find, terminate and list Spillway's GPU machines.
+"""The AWS EC2 adapter: launch, find, terminate, list, stop and start Spillway's GPU machines.
 
 Idempotency: every launch carries an EC2 ClientToken derived from the key and zone, and before
 launching the adapter looks for a live machine tagged with the key (the tag lookup is what makes

@@ -1,4 +1,5 @@
-"""The Azure adapter: launch, find, terminate and list Spillway's GPU VMs in one resource group.
+"""The Azure adapter: launch, find, terminate, list, deallocate and start Spillway's GPU VMs in
+one resource group.
 
 Idempotency: the VM name is derived from the key and creation is a PUT, so a repeated launch
 addresses the same resource; the adapter reads the VM first and returns it when it exists. When
@@ -15,10 +16,32 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from providers.azure.build import AzureNetwork, is_managed, state_of, vm_body, vm_name
-from providers.base import KEY_LABEL, CapacityMemory, Instance, LaunchRequest, Provider
+from providers.azure.build import (
+    AzureNetwork,
+    cannot_stop,
+    is_managed,
+    power_state,
+    state_of,
+    vm_body,
+    vm_name,
+)
+from providers.base import (
+    KEY_LABEL,
+    CapacityMemory,
+    Instance,
+    LaunchRequest,
+    Provider,
+    check_labels,
+    wait_for_state,
+)
 from providers.catalog import Catalog
-from providers.errors import AuthError, ProviderError, TransientError, make_error
+from providers.errors import (
+    AuthError,
+    CannotStopError,
+    ProviderError,
+    TransientError,
+    make_error,
+)
 
 T = TypeVar("T")
 
@@ -71,6 +94,7 @@ class AzureProvider(Provider):
         allow_http: bool = False,
         poll_interval_s: float = 10.0,
         client_kwargs: Mapping[str, Any] | None = None,
+        state_timeout_s: float = 900.0,
     ) -> None:
         super().__init__(catalog, memory)
         self.subscription_id = subscription_id
@@ -80,6 +104,7 @@ class AzureProvider(Provider):
         self._base_url = base_url
         self._call_kwargs: dict[str, Any] = {"enforce_https": False} if allow_http else {}
         self._poll_interval_s = poll_interval_s
+        self._state_timeout_s = state_timeout_s
         self._client_kwargs = dict(client_kwargs or {})
         self._client: Any = None
         self._lock = threading.Lock()
@@ -119,22 +144,30 @@ class AzureProvider(Provider):
             instance_type=properties.get("hardwareProfile", {}).get("vmSize", ""),
             region=str(raw.get("location", "")),
             zone=str(zones[0]),
-            state=state_of(properties.get("provisioningState", "")),
+            state=state_of(properties.get("provisioningState", ""), power_state(properties)),
             spot=properties.get("priority") == "Spot",
             labels=tags,
+            cannot_stop=cannot_stop(properties),
         )
 
     def _get(self, name: str) -> Instance | None:
         from azure.core.exceptions import ResourceNotFoundError
 
-        vms = self._call(f"get {name}", self._vms)
+        self._call(f"get {name}", self._vms)
         try:
-            raw = vms.get(self.resource_group, name, cls=_json, **self._call_kwargs)
+            raw = self._raw(name)
         except ResourceNotFoundError:
             return None
         except Exception as exc:
             raise _api_error(exc, f"get {name}") from exc
         return self._to_instance(raw)
+
+    def _raw(self, name: str) -> Any:
+        """The VM's ARM JSON with its instance view (the power state is only there)."""
+        vms = self._vms()
+        return vms.get(
+            self.resource_group, name, expand="instanceView", cls=_json, **self._call_kwargs
+        )
 
     def _delete(self, name: str) -> None:
         vms = self._vms()
@@ -199,10 +232,107 @@ class AzureProvider(Provider):
 
         def collect() -> list[Instance]:
             found = []
-            for vm in vms.list(self.resource_group, **self._call_kwargs):
+            listing = vms.list(self.resource_group, expand="instanceView", **self._call_kwargs)
+            for vm in listing:
                 raw = vm.as_dict()
                 if is_managed(raw.get("tags")):
                     found.append(self._to_instance(raw))
             return found
 
         return self._call(f"list VMs in {self.resource_group}", collect)
+
+    # -- the warm pool -------------------------------------------------------------------------
+
+    def _settle(self, key: str, wanted: tuple[str, ...], what: str) -> Instance | None:
+        return wait_for_state(
+            lambda: self.describe(key),
+            wanted,
+            timeout_s=self._state_timeout_s,
+            poll_s=self._poll_interval_s,
+            what=f"azure: {what} {vm_name(key)}",
+        )
+
+    def _power(self, name: str) -> str:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            raw = self._raw(name)
+        except ResourceNotFoundError:
+            return ""
+        except Exception as exc:
+            raise _api_error(exc, f"get {name}") from exc
+        return power_state(raw.get("properties", {}))
+
+    def stop(self, key: str) -> Instance | None:
+        """Deallocate the VM (a power-off alone would keep billing for the hardware)."""
+        name = vm_name(key)
+        instance = self._get(name)
+        if instance is None:
+            return None
+        if instance.cannot_stop:
+            raise CannotStopError(
+                f"azure: {name} cannot be stopped: {instance.cannot_stop}", cloud="azure"
+            )
+        if instance.state == "pending":
+            instance = self._settle(key, ("running", "stopped"), "waiting to stop")
+            if instance is None:
+                return None
+        if self._power(name) == "deallocated":
+            return instance
+        vms = self._vms()
+        self._call(
+            f"deallocate {name}",
+            lambda: vms.begin_deallocate(
+                self.resource_group,
+                name,
+                polling_interval=self._poll_interval_s,
+                **self._call_kwargs,
+            ).result(),
+        )
+        return self._get(name)
+
+    def start(self, key: str) -> Instance | None:
+        name = vm_name(key)
+        instance = self._get(name)
+        if instance is None or instance.state in ("pending", "running"):
+            return instance
+        if instance.state == "stopping":
+            instance = self._settle(key, ("stopped", "running"), "waiting to start")
+            if instance is None or instance.state != "stopped":
+                return instance
+        vms = self._vms()
+        self._call(
+            f"start {name}",
+            lambda: vms.begin_start(
+                self.resource_group,
+                name,
+                polling_interval=self._poll_interval_s,
+                **self._call_kwargs,
+            ).result(),
+        )
+        return self._get(name)
+
+    def set_labels(self, key: str, labels: Mapping[str, str | None]) -> None:
+        check_labels("azure", labels)
+        name = vm_name(key)
+        instance = self._get(name)
+        if instance is None:
+            return
+        tags = dict(instance.labels)
+        for tag, value in labels.items():
+            if value is None:
+                tags.pop(tag, None)
+            else:
+                tags[tag] = value
+        vms = self._vms()
+        # A PATCH's tags replace the VM's tags as a whole: send them all.
+        self._call(
+            f"update tags of {name}",
+            lambda: vms.begin_update(
+                self.resource_group,
+                name,
+                {"tags": tags},
+                polling_interval=self._poll_interval_s,
+                **self._call_kwargs,
+            ).result(),
+        )

@@ -26,6 +26,16 @@ _STATES: dict[str, InstanceState] = {
     "Failed": "failed",
     "Canceled": "failed",
 }
+#: Power states of a provisioned VM. ``stopped`` is powered off but still allocated (and
+#: billed); ``deallocated`` releases the hardware.
+_POWER: dict[str, InstanceState] = {
+    "starting": "pending",
+    "running": "running",
+    "stopping": "stopping",
+    "deallocating": "stopping",
+    "stopped": "stopped",
+    "deallocated": "stopped",
+}
 
 
 @dataclass(frozen=True)
@@ -128,8 +138,31 @@ def vm_body(request: LaunchRequest, zone: str, network: AzureNetwork) -> dict[st
     return body
 
 
-def state_of(provisioning_state: str) -> InstanceState:
-    return _STATES.get(provisioning_state, "failed")
+def state_of(provisioning_state: str, power_state: str = "") -> InstanceState:
+    """The state from the provisioning state and, once provisioned, the power state (the part
+    of the instance view's ``PowerState/...`` code after the slash)."""
+    state = _STATES.get(provisioning_state, "failed")
+    if state != "running" or not power_state:
+        return state
+    return _POWER.get(power_state, state)
+
+
+def power_state(properties: Mapping[str, Any]) -> str:
+    """``deallocated`` from an instance view status ``PowerState/deallocated`` ("" if none)."""
+    view = properties.get("instanceView") or {}
+    for status in view.get("statuses") or ():
+        code = str(status.get("code", ""))
+        if code.startswith("PowerState/"):
+            return code.removeprefix("PowerState/")
+    return ""
+
+
+def cannot_stop(properties: Mapping[str, Any]) -> str:
+    """Why Azure will not deallocate this VM ("" when it will)."""
+    os_disk = properties.get("storageProfile", {}).get("osDisk", {})
+    if os_disk.get("diffDiskSettings"):
+        return "a VM with an ephemeral OS disk cannot be deallocated, only deleted"
+    return ""
 
 
 def is_managed(tags_: Mapping[str, str] | None) -> bool:

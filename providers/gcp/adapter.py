@@ -1,4 +1,5 @@
-"""The Google Compute Engine adapter: launch, find, terminate and list Spillway's GPU machines.
+"""The Google Compute Engine adapter: launch, find, terminate, list, stop and start Spillway's GPU
+machines.
 
 Idempotency: the instance name is derived from the key and every insert carries a ``requestId``
 derived from key and zone, so a retried call is deduplicated by GCP; an ``alreadyExists`` answer

@@ -3,7 +3,10 @@
 
 What it models, because the adapter depends on it: PUT (create or update, by name) answered
 with 201 and an ``Azure-AsyncOperation`` URL that reports InProgress for a few polls; GET, list
-and DELETE (202 plus an async operation; 204 when the VM is already gone); bearer tokens
+and DELETE (202 plus an async operation; 204 when the VM is already gone); PATCH of the tags;
+POST deallocate and start (202 plus an async operation; the power state in the instance view,
+``$expand=instanceView``, goes deallocating -> deallocated and starting -> running; either is a
+no-op when the VM is already there, and a start while deallocating is 409 Conflict); bearer tokens
 required; errors in ARM's shape, either synchronous (409 SkuNotAvailable, 409 OperationNotAllowed
 for quota, 429 with Retry-After, 503) or asynchronous (AllocationFailed), after which, as in
 Azure, the VM resource stays behind in provisioning state Failed until someone deletes it.
@@ -71,6 +74,8 @@ class FakeArm:
     op_polls: int = 2
     server: FakeServer = field(default_factory=FakeServer)
     vms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: VM name -> power state (the part of ``PowerState/...`` after the slash).
+    power: dict[str, str] = field(default_factory=dict)
     operations: dict[str, _Op] = field(default_factory=dict)
     faults: list[AzureFault] = field(default_factory=list)
     #: (verb, VM name, zone, location) of every mutating call that reached the fake.
@@ -87,6 +92,9 @@ class FakeArm:
         s.route("PUT", vms + r"/(?P<name>[^/]+)", self._put)
         s.route("GET", vms + r"/(?P<name>[^/]+)", self._get)
         s.route("DELETE", vms + r"/(?P<name>[^/]+)", self._delete)
+        s.route("PATCH", vms + r"/(?P<name>[^/]+)", self._patch)
+        s.route("POST", vms + r"/(?P<name>[^/]+)/deallocate", self._deallocate)
+        s.route("POST", vms + r"/(?P<name>[^/]+)/start", self._start)
         s.route("GET", vms, self._list)
         s.route("GET", ops + r"/(?P<op>[^/]+)", self._operation)
 
@@ -198,21 +206,91 @@ class FakeArm:
         refused = self._check(request)
         if refused:
             return refused
+        self._tick(m["name"])
         vm = self.vms.get(m["name"])
         if vm is None:
-            return self._error(
-                404,
-                "ResourceNotFound",
-                f"The Resource 'Microsoft.Compute/virtualMachines/{m['name']}' under resource "
-                f"group '{self.resource_group}' was not found.",
-            )
+            return self._not_found(m["name"])
+        return 200, self._view(vm, request), {}
+
+    def _not_found(self, name: str) -> Reply:
+        return self._error(
+            404,
+            "ResourceNotFound",
+            f"The Resource 'Microsoft.Compute/virtualMachines/{name}' under resource "
+            f"group '{self.resource_group}' was not found.",
+        )
+
+    def _view(self, vm: dict[str, Any], request: Request) -> dict[str, Any]:
+        """The VM, with its instance view when ``$expand=instanceView`` asks for it."""
+        if request.query.get("$expand") != "instanceView":
+            return vm
+        state = str(vm["properties"].get("provisioningState", "")).lower()
+        statuses = [{"code": f"ProvisioningState/{state}", "level": "Info"}]
+        power = self.power.get(vm["name"])
+        if power:
+            statuses.append({"code": f"PowerState/{power}", "level": "Info"})
+        return {**vm, "properties": {**vm["properties"], "instanceView": {"statuses": statuses}}}
+
+    def _tick(self, name: str) -> None:
+        """Reading a VM lets its running operations progress, as time does in Azure."""
+        for op in list(self.operations.values()):
+            if op.vm == name and op.status == "InProgress":
+                op.polls_left -= 1
+                if op.polls_left <= 0:
+                    self._finish(op)
+
+    def _patch(self, request: Request, m: re.Match[str]) -> Reply:
+        refused = self._check(request)
+        if refused:
+            return refused
+        name = m["name"]
+        self.calls.append(("patch", name, "", self.vms.get(name, {}).get("location", "")))
+        vm = self.vms.get(name)
+        if vm is None:
+            return self._not_found(name)
+        body = request.body or {}
+        if set(body) - {"tags"}:
+            return self._error(400, "InvalidParameter", "Only tags updates are modelled.")
+        if "tags" in body:
+            vm["tags"] = dict(body["tags"] or {})
         return 200, vm, {}
+
+    def _power_op(self, request: Request, m: re.Match[str], kind: str) -> Reply:
+        refused = self._check(request)
+        if refused:
+            return refused
+        name = m["name"]
+        vm = self.vms.get(name)
+        self.calls.append((kind, name, "", vm.get("location", "") if vm else ""))
+        if vm is None:
+            return self._not_found(name)
+        power = self.power.get(name, "")
+        if kind == "start" and power == "deallocating":
+            return self._error(
+                409,
+                "Conflict",
+                f"Operation 'start' is not allowed on VM '{name}' since the VM is deallocating.",
+            )
+        op, url = self._new_op(name, kind, vm["location"], request.query["api-version"])
+        if (kind, power) in (("deallocate", "deallocated"), ("start", "running")):
+            op.polls_left = 1
+        else:
+            self.power[name] = "deallocating" if kind == "deallocate" else "starting"
+        return 202, None, {"Azure-AsyncOperation": url, "Location": url, "Retry-After": "0"}
+
+    def _deallocate(self, request: Request, m: re.Match[str]) -> Reply:
+        return self._power_op(request, m, "deallocate")
+
+    def _start(self, request: Request, m: re.Match[str]) -> Reply:
+        return self._power_op(request, m, "start")
 
     def _list(self, request: Request, m: re.Match[str]) -> Reply:
         refused = self._check(request)
         if refused:
             return refused
-        return 200, {"value": list(self.vms.values())}, {}
+        for name in list(self.vms):
+            self._tick(name)
+        return 200, {"value": [self._view(vm, request) for vm in self.vms.values()]}, {}
 
     def _delete(self, request: Request, m: re.Match[str]) -> Reply:
         refused = self._check(request)
@@ -242,8 +320,13 @@ class FakeArm:
 
     def _finish(self, op: _Op) -> None:
         vm = self.vms.get(op.vm)
-        if op.kind == "delete":
+        if op.kind in ("deallocate", "start"):
+            op.status = "Succeeded"
+            if vm is not None:
+                self.power[op.vm] = "deallocated" if op.kind == "deallocate" else "running"
+        elif op.kind == "delete":
             self.vms.pop(op.vm, None)
+            self.power.pop(op.vm, None)
             op.status = "Succeeded"
         elif op.error:
             op.status = "Failed"
@@ -253,3 +336,4 @@ class FakeArm:
             op.status = "Succeeded"
             if vm is not None:
                 vm["properties"]["provisioningState"] = "Succeeded"
+                self.power[op.vm] = "running"

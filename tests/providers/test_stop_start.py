@@ -16,15 +16,21 @@ from pathlib import Path
 import pytest
 
 from providers.aws import AwsProvider
+from providers.azure.build import vm_name
 from providers.base import CLAIM_LABEL, MANAGED_LABEL, WARM_LABEL, CapacityMemory
-from providers.gcp.build import instance_name
 from providers.errors import CannotStopError, CapacityError, InvalidRequestError
+from providers.gcp.build import instance_name
 from providers.local import LocalProvider
 from tests.conftest import SchedulerFactory, Tokens, eventually
+from tests.fakes.azure_compute import FakeArm
 from tests.fakes.gcp_compute import FakeCompute
 from tests.providers.conftest import Ec2
 from tests.providers.test_aws import REGION as AWS_REGION
 from tests.providers.test_aws import request as aws_request
+from tests.providers.test_azure import RG as AZ_RG
+from tests.providers.test_azure import SUB as AZ_SUB
+from tests.providers.test_azure import provider as azure_provider
+from tests.providers.test_azure import request as azure_request
 from tests.providers.test_gcp import PROJECT as GCP_PROJECT
 from tests.providers.test_gcp import provider as gcp_provider
 from tests.providers.test_gcp import request as gcp_request
@@ -247,3 +253,75 @@ def test_gcp_labels_are_set_with_the_fingerprint_and_removed(
     found = gcp.describe("warm-3")
     assert found is not None and CLAIM_LABEL not in found.labels
     assert found.label(WARM_LABEL) == "1764583200"
+
+
+@pytest.fixture
+def arm() -> Iterator[FakeArm]:
+    fake = FakeArm(AZ_SUB, AZ_RG).start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+def test_azure_deallocate_and_start_through_the_power_states(
+    arm: FakeArm, memory: CapacityMemory
+) -> None:
+    azure = azure_provider(arm, memory)
+    launched = azure.launch(azure_request("warm-1"))
+    name = vm_name("warm-1")
+    assert launched.state == "running" and arm.power[name] == "running"
+
+    stopped = azure.stop("warm-1")
+    assert stopped is not None and stopped.state == "stopped"
+    assert arm.power[name] == "deallocated"  # not merely powered off: the hardware is released
+    assert name in arm.vms
+    described = azure.describe("warm-1")
+    assert described is not None and described.state == "stopped"
+    assert [(i.key, i.state) for i in azure.list_managed()] == [("warm-1", "stopped")]
+    azure.stop("warm-1")
+    assert [c[0] for c in arm.calls].count("deallocate") == 1
+
+    started = azure.start("warm-1")
+    assert started is not None and started.state == "running"
+    assert arm.power[name] == "running"
+    azure.start("warm-1")
+    assert [c[0] for c in arm.calls].count("start") == 1
+    assert [c[0] for c in arm.calls].count("put") == 1
+
+
+def test_azure_start_waits_for_a_deallocation_under_way(
+    arm: FakeArm, memory: CapacityMemory
+) -> None:
+    azure = azure_provider(arm, memory)
+    azure.launch(azure_request("warm-2"))
+    name = vm_name("warm-2")
+    vms = azure._vms()
+    # A deallocation someone else began, not waited for.
+    vms.begin_deallocate(AZ_RG, name, polling_interval=0, **azure._call_kwargs)
+    assert arm.power[name] == "deallocating"
+    assert azure.describe("warm-2") is not None
+    started = azure.start("warm-2")  # a start now would be 409 Conflict: it waits first
+    assert started is not None and started.state == "running"
+
+
+def test_azure_tags_are_merged_and_removed_and_an_ephemeral_disk_cannot_stop(
+    arm: FakeArm, memory: CapacityMemory
+) -> None:
+    azure = azure_provider(arm, memory)
+    azure.launch(azure_request("warm-3"))
+    name = vm_name("warm-3")
+    azure.set_labels("warm-3", {WARM_LABEL: "1764583200", CLAIM_LABEL: "provision-x"})
+    assert arm.vms[name]["tags"][WARM_LABEL] == "1764583200"
+    azure.set_labels("warm-3", {CLAIM_LABEL: None})
+    found = azure.describe("warm-3")
+    assert found is not None and CLAIM_LABEL not in found.labels
+    assert found.label(WARM_LABEL) == "1764583200" and found.label(MANAGED_LABEL) == "true"
+    assert found.label("deployment") == "llama-70b"
+
+    os_disk = arm.vms[name]["properties"]["storageProfile"]["osDisk"]
+    os_disk["diffDiskSettings"] = {"option": "Local", "placement": "ResourceDisk"}
+    with pytest.raises(CannotStopError, match="ephemeral OS disk"):
+        azure.stop("warm-3")
+    assert arm.power[name] == "running"
+    assert "deallocate" not in [c[0] for c in arm.calls]
