@@ -186,6 +186,17 @@ def sticky_timeout(decide_every_s: float) -> timedelta:
     return timedelta(seconds=min(10.0, max(0.2, decide_every_s / 2)))
 
 
+def decision_task_timeout(decide_every_s: float) -> timedelta:
+    """How long a deployment workflow's task may run on one worker before another gets it.
+
+    A scheduler killed while its worker runs a workflow task holds that task until this
+    passes: one decision interval (at least 2 s, so that replaying a long history on a busy
+    machine still fits; at most the SDK's 10 s). With the default 5 s interval the
+    deployment's decisions pause for at most about one interval.
+    """
+    return timedelta(seconds=min(10.0, max(2.0, decide_every_s)))
+
+
 @dataclass
 class ControlHost:
     """A running control plane: the worker, and the workflows kept in step with the policy."""
@@ -221,6 +232,7 @@ class ControlHost:
                 id=workflow_id(name),
                 task_queue=self.task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                task_timeout=decision_task_timeout(self.plane.decide_every_s),
             )
         await self.client.start_workflow(
             SweeperWorkflow.run,

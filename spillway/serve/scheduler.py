@@ -24,14 +24,16 @@ log = logging.getLogger(__name__)
 async def run_scheduler(config_path: Path, interceptors: Sequence[Any] = ()) -> None:
     """Serve until told to stop. ``interceptors`` reach the Temporal worker (tests)."""
     config = load_scheduler_config(config_path)
+    if config.policy_file is not None:
+        # Imported before the gRPC server starts: importing blocks the event loop for a second
+        # or two, and agents re-registering with a restarted scheduler must not wait for it.
+        from spillway.serve.control_plane import start_control_plane
     scheduler = Scheduler(config, TokenStore(config.tokens_file))
     await scheduler.start()
     host: Any = None
     watch: asyncio.Task[None] | None = None
     try:
         if config.policy_file is not None:
-            from spillway.serve.control_plane import start_control_plane
-
             host, store = await start_control_plane(
                 config,
                 scheduler.fleet,

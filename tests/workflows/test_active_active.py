@@ -1,0 +1,48 @@
+"""Two schedulers, active-active: kill either one at random moments of a spill.
+
+See ``tests/workflows/active_active.py`` for the set-up and what is measured; this runs a few
+seeded rounds (``bench/active_active.py`` runs many and writes the figures to JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.workflows.active_active import ChaosSettings, run_chaos
+
+
+async def test_either_scheduler_dies_at_random_and_nothing_is_lost_or_doubled(
+    tmp_path: Path, temporal_address: str, moto_server: str, aws_credentials: None
+) -> None:
+    settings = ChaosSettings(rounds=4, seed=20261201, interval_s=1.0, max_spilled=1)
+    report = await run_chaos(tmp_path, temporal_address, moto_server, settings)
+    figures = report.figures()
+    print(json.dumps(figures, indent=1))
+    assert report.errors == [], (figures, _logs(tmp_path))
+    # Both schedulers died at least once (the seed sees to it).
+    assert {k.victim for k in report.kills} == {"a", "b"}
+    # The spill happened: a rented machine served, and every one was given back.
+    assert report.rented_served and report.machines_launched >= 1, figures
+    assert report.duplicate_keys == [] and report.over_cap == 0, figures
+    assert report.leaked == [], figures
+    interval = settings.interval_s
+    for kill in report.kills:
+        delay = kill.gap_s - report.cadence_s
+        if set(kill.waited_for) <= {"workflow task waiting for the killed worker"}:
+            # Decisions resume within one report interval of when they were due (the usual
+            # cadence is one interval plus the time a decision takes), also when the dead
+            # worker had the workflow cached (its next task waits half an interval for it).
+            assert delay <= interval, (kill, figures)
+        else:
+            # The kill caught a task the dead worker had started: Temporal hands it on after
+            # its timeout (the workflow task's: one interval, at least 2 s; the plan
+            # activity's 30 s).
+            bound = 30 if any("activity" in w for w in kill.waited_for) else 2
+            assert delay <= bound + interval, (kill, figures)
+        # The restarted scheduler's fleet view is the survivor's within two intervals.
+        assert kill.converge_s <= 2 * interval, (kill, figures)
+
+
+def _logs(root: Path) -> str:
+    return "".join(p.read_text()[-3000:] for p in sorted(root.glob("scheduler-*.log")))
