@@ -11,7 +11,9 @@ p     USD per token on the endpoint: ``(s * P_in + (1 - s) * P_out) / 1e6``, wit
       cheapest endpoint inside the lock counts (the gateway picks the cheapest too)
 O     overflow now: tokens per second (input and output) the gateways send to managed
       endpoints
-T     ``replica_tokens_per_s``: tokens per second one replica carries within the SLO
+T     tokens per second one replica carries within the SLO: while the gateways overflow
+      (so the replicas are full) and the healthy replicas report what they generate, their
+      mean generated tokens per second over ``1 - s``; else ``replica_tokens_per_s``
 C     ``cold_start_s``: from the decision until the replica serves
 M     ``billing_minimum_s``
 h     the offer's list price, USD per hour
@@ -38,7 +40,10 @@ replicas take ``q`` requests each (``gateway.max_concurrency_per_replica``, else
 
 * the reserved replicas take ``t = min(l, F / X)`` (``X`` = ``release_ratio``: they are not
   filled past ``1/X`` of their room), the rest ``m = l - t`` moves to the endpoint;
-* that costs ``A = m * (T / q) * p * 3600`` USD per hour; keeping the replica ``B = h``;
+* that costs ``A = m * r * p * 3600`` USD per hour, ``r`` the tokens per second a request
+  brings: the replica's own reported rate over ``l`` when it reports one (generated tokens
+  per second over ``1 - s``: the gateways count input and output), else ``T / q``; keeping
+  the replica costs ``B = h``;
 * the replica is cheaper to release when ``B > X * A`` and ``m`` fits the endpoints' free
   concurrency taken at ``1/X`` too (otherwise requests would queue: never cheaper);
 * it is released once that has held for ``release_after_s`` (the caller keeps the time);
@@ -228,17 +233,22 @@ def release_case(
     replica_tokens_per_s: float,
     usd_per_token: float | None,
     ratio: float,
+    carried_tokens_per_s: float | None = None,
 ) -> ReleaseCase:
     """Whether the rented replica ``replica_id`` is cheaper to release than to keep.
 
     ``reserved_room`` and ``managed_room`` are free requests (of concurrency) on the reserved
     replicas and on the managed endpoints inside the lock; ``usd_per_token`` is None when no
-    managed endpoint is inside the lock (then only free reserved room can take the traffic).
+    managed endpoint is inside the lock (then only free reserved room can take the traffic);
+    ``carried_tokens_per_s`` is what the replica carries when it is known (input and output).
     """
     load = max(0.0, in_flight)
     to_reserved = min(load, max(0.0, reserved_room) / ratio)
     to_managed = load - to_reserved
-    per_request = replica_tokens_per_s / max(replica_concurrency, 1)
+    if carried_tokens_per_s is not None and carried_tokens_per_s > 0 and load > 0:
+        per_request = carried_tokens_per_s / load
+    else:
+        per_request = replica_tokens_per_s / max(replica_concurrency, 1)
     price = usd_per_token if usd_per_token is not None else 0.0
     managed_hourly = to_managed * per_request * price * 3600.0
     blocked = ""
@@ -301,6 +311,14 @@ def track_episode(
             started_at = now
         seen_at = now
     return Episodes(started_at, seen_at, history)
+
+
+def total_tokens_per_s(generated_tokens_per_s: float, input_share: float) -> float | None:
+    """Input and output tokens per second from the generated (output) ones, or None when the
+    share leaves no output to scale from."""
+    if generated_tokens_per_s <= 0 or input_share >= 1:
+        return None
+    return generated_tokens_per_s / (1.0 - input_share)
 
 
 def replicas_for(tokens_per_s: float, replica_tokens_per_s: float) -> int:

@@ -55,6 +55,8 @@ class ReplicaView:
     running_requests: int = 0
     queued_requests: int = 0
     kv_cache_usage: float = 0.0
+    #: Output tokens per second the replica reports generating; 0 when unknown.
+    generation_tokens_per_s: float = 0.0
 
     @property
     def healthy(self) -> bool:

@@ -36,6 +36,7 @@ from decisions.costs import (
     release_case,
     rent_case,
     replicas_for,
+    total_tokens_per_s,
     track_episode,
     usd_per_token,
 )
@@ -62,6 +63,23 @@ def reserved_slots(view: FleetSnapshot, dep: Deployment, lock: Lock) -> int:
         for a in view.agents
         if a.pool in dep.pools and a.connected and lock.allows_agent(a.residency_group)
     )
+
+
+def replica_throughput(
+    name: str, dep: Deployment, view: FleetSnapshot, *, busy: bool
+) -> tuple[float, str]:
+    """``T`` and where it comes from: measured while the gateways overflow (every replica is
+    full then) from what the healthy replicas report generating, else the policy's."""
+    costs = dep.autoscaling.costs
+    rates = [
+        total_tokens_per_s(r.generation_tokens_per_s, costs.input_token_share)
+        for r in view.replicas
+        if r.deployment == name and r.healthy
+    ]
+    known = [x for x in rates if x is not None]
+    if busy and known:
+        return sum(known) / len(known), "measured"
+    return costs.replica_tokens_per_s, "assumed"
 
 
 def _load(view: FleetSnapshot, name: str, replica: ReplicaView) -> float:
@@ -108,6 +126,7 @@ def adjust(
     active = bool(fast.saturated) or overflow > 0 or needed
     episodes = track_episode(active, now, episode[0], episode[1], episode[2], costs.episode_gap_s)
 
+    T, measured = replica_throughput(name, dep, view, busy=overflow > 0)
     if fast.saturated:
         want = min(room_up, fast.wanted)
         if want > change:
@@ -118,7 +137,6 @@ def adjust(
     elif endpoint is not None and (
         overflow > 0 or (change > 0 and dep.autoscaling.signal == "overflow_tokens_per_s")
     ):
-        T = costs.replica_tokens_per_s
         asked = min(room_up, max(replicas_for(overflow, T), change if change > 0 else 0))
         free = min(asked, reserved_slots(view, dep, lock))
         cloud_asked = asked - free
@@ -141,7 +159,7 @@ def adjust(
                 billing_minimum_s=costs.billing_minimum_s,
             )
             cloud = case.rent
-            parts.append(case.describe())
+            parts.append(f"{case.describe()} (a replica: {T:.0f} tok/s, {measured})")
         elif cloud_asked:
             parts.append(f"nothing to rent; staying on {endpoint.name}")
         elif not free:
@@ -213,6 +231,9 @@ def _judge(
             replica_tokens_per_s=costs.replica_tokens_per_s,
             usd_per_token=price,
             ratio=costs.release_ratio,
+            carried_tokens_per_s=total_tokens_per_s(
+                replica.generation_tokens_per_s, costs.input_token_share
+            ),
         )
     return out
 

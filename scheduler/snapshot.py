@@ -90,6 +90,7 @@ def snapshot_from_fleet(
                         r.load.running_requests,
                         r.load.queued_requests,
                         r.load.kv_cache_usage,
+                        r.load.generation_tokens_per_second,
                     )
                 )
         itype = labels.extra.get(INSTANCE_TYPE_LABEL, "")

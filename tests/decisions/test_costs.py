@@ -13,6 +13,7 @@ from decisions.costs import (
     rent_case,
     rental_usd,
     replicas_for,
+    total_tokens_per_s,
     track_episode,
     usd_per_token,
 )
@@ -244,3 +245,25 @@ def test_episodes_end_after_the_gap_and_the_history_is_bounded() -> None:
 
 def test_replicas_for() -> None:
     assert [replicas_for(x, 4000) for x in (0, 1, 4000, 4001, 12000)] == [0, 1, 1, 2, 3]
+
+
+def test_what_the_replica_reports_carrying_prices_its_requests() -> None:
+    # It reports 400 generated tok/s; at 75 % input that is 400 / 0.25 = 1,600 tok/s in all,
+    # 200 a request of its 8. 4 move to managed: A = 4 * 200 * 3e-6 * 3,600 = 8.64 USD/h
+    # (T / q would have said 100 a request: 4.32).
+    carried = total_tokens_per_s(400, 0.75)
+    assert carried == pytest.approx(1_600)
+    case = release_case(
+        replica_id="r1",
+        in_flight=8,
+        keep_usd_per_hour=28.8,
+        reserved_room=6,
+        managed_room=64,
+        replica_concurrency=64,
+        replica_tokens_per_s=6_400,
+        usd_per_token=3e-6,
+        ratio=1.5,
+        carried_tokens_per_s=carried,
+    )
+    assert case.managed_usd_per_hour == pytest.approx(8.64)
+    assert total_tokens_per_s(0, 0.75) is None and total_tokens_per_s(400, 1.0) is None

@@ -110,6 +110,7 @@ def test_overflow_worth_a_rental_rents_one_on_the_tick_that_sees_it() -> None:
     assert [s.where for s in out.starts] == ["cloud"], out.reason
     assert out.desired == 2 and out.current == 1
     assert "$79.20 > rental $57.79 incl. 300s cold start; renting 1" in out.reason
+    assert "(a replica: 8000 tok/s, assumed)" in out.reason
     assert out.episode_started_at == 100.0 and out.episode_seen_at == 100.0
 
 
@@ -130,6 +131,22 @@ def test_overflow_not_worth_a_rental_stays_on_the_managed_endpoint() -> None:
     ), out.reason
     # 8,000 tok/s * 3e-6 * 3,600 = 86.40 $/h: what the first replica's share costs on hosted-eu.
     assert "\n" not in out.reason
+
+
+def test_measured_replica_throughput_replaces_the_assumed_one_while_overflowing() -> None:
+    # r0 reports 1,000 generated tok/s: 1,000 / (1 - 0.75) = 4,000 tok/s in all, half the
+    # policy's 8,000. S1 = 4,000 * 3e-6 * 3,300 = 39.60 <= K = 57.79: stay (with the assumed
+    # 8,000 the same overflow rents, see above).
+    busy = ReplicaView("r0", "chat", "a", ReplicaState.HEALTHY, generation_tokens_per_s=1000.0)
+    snap = FleetSnapshot(
+        (agent("a", 0),),
+        (busy,),
+        {"chat": GatewayLoad(overflow_tokens_per_s=10_000, in_flight={"r0": 64}, gateways=1)},
+    )
+    out = plan_step(cost_policy(), snap, CATALOG, PlanInput("chat"), 100.0, ids())
+    assert out.starts == [], out.reason
+    assert "save $39.60 <= rental $57.79" in out.reason
+    assert "(a replica: 4000 tok/s, measured)" in out.reason
 
 
 def test_the_episode_history_decides_against_the_prior() -> None:
