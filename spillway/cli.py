@@ -242,7 +242,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     from decisions.policycheck import load_policy
     from simulator import load_settings, load_trace, simulate
-    from simulator.report import table, verdict
+    from simulator.report import ranking_lines, table, verdict
+    from simulator.run import tuning_window
+    from simulator.scenarios import SimulationError
 
     policy = load_policy(args.policy)
     settings = load_settings(args.settings)
@@ -255,11 +257,36 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         overrides["reserved"] = settings.reserved.model_copy(update={"machines": args.reserved})
     settings = settings.model_copy(update=overrides)
     trace = load_trace(args.trace).stretched(args.time_scale, args.loops)
-    sim = simulate(policy, trace, settings, deployment=args.deployment)
+    if args.hours is not None:
+        trace = trace.stretched_to_hours(args.hours)
+    tune_on, tune_label = None, ""
+    if args.tune_on is not None:
+        spec = args.tune_on
+        if spec.startswith("hour:"):
+            hour = spec.removeprefix("hour:")
+            if not hour.isdigit():
+                raise SimulationError(f"--tune-on {spec}: expected hour:N, N a whole number from 1")
+            tune_on = tuning_window(trace, int(hour))
+            tune_label = f"hour {int(hour)} of the scored trace (part of the scored data)"
+        else:
+            tune_on = load_trace(spec).stretched(args.time_scale)
+            tune_label = f"the trace {spec}"
+    sim = simulate(
+        policy, trace, settings, deployment=args.deployment, tune_on=tune_on, tune_label=tune_label
+    )
     files = sim.write(args.out, requests=not args.no_requests, png=not args.no_png)
     if args.json:
         data = sim.data()
-        keep = ("trace", "deployment", "reserved", "notes", "scenarios", "comparison")
+        keep = (
+            "trace",
+            "deployment",
+            "reserved",
+            "notes",
+            "tuning",
+            "searches",
+            "scenarios",
+            "comparison",
+        )
         print(json.dumps({k: data[k] for k in keep}, indent=2))
         return 0
     console = Console(width=None if sys.stdout.isatty() else 150)
@@ -267,6 +294,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         console.print(f"note: {note}")
     console.print(table(sim.summaries, sim.title()))
     console.print(verdict(sim.comparison))
+    for line in ranking_lines(sim.comparison):
+        console.print(line)
     console.print(f"simulated in {sim.wall_s:.1f}s; wrote {', '.join(str(f) for f in files)}")
     return 0
 
@@ -480,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = commands.add_parser(
         "simulate",
         help="replay a request trace: what the policy costs and how it holds a TTFT target, "
-        "against reserved-only and on-demand-only",
+        "against reserved-only, the peak reservation, rent-only, on-demand, managed-only and "
+        "the hindsight bound",
     )
     sim.add_argument("--trace", type=Path, required=True, help="CSV: time, input and output tokens")
     sim.add_argument("--policy", type=Path, required=True, help="policy file (YAML)")
@@ -491,6 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--loops", type=_whole_number(1), default=1, help="play the trace this many times in a row"
+    )
+    sim.add_argument(
+        "--hours",
+        type=_positive,
+        help="loop the trace and cut it at exactly this many hours (after --time-scale/--loops)",
+    )
+    sim.add_argument(
+        "--tune-on",
+        metavar="TRACE|hour:N",
+        help="tune the baselines' searches on another trace (CSV), or on hour N of the scored "
+        "trace (default: on the scored trace itself, and the output says so)",
     )
     sim.add_argument("--seed", type=int, help="seed of every random draw (default: settings)")
     sim.add_argument("--ttft-slo", type=_positive, help="TTFT target in seconds")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from decisions.endpoints import ManagedEndpoint
 from decisions.policy import Policy
 from simulator import SimSettings, Trace
 
@@ -38,10 +39,39 @@ def policy(**spillover: Any) -> Policy:
                     "max_replicas": 8,
                     "autoscaling": {"signal": "running_per_replica", "target": 16},
                     "spillover": spill,
+                    # Reserved first means rented replicas take traffic only once the reserved
+                    # ones count as full: at a cap that still holds the TTFT target.
+                    "gateway": {"max_concurrency_per_replica": 24},
                 }
             },
         }
     )
+
+
+def with_managed(p: Policy, name: str = "chat", **fields: Any) -> Policy:
+    """``p`` with one managed endpoint for ``name`` (a hosted 8B price; the us group)."""
+    endpoint: dict[str, Any] = {
+        "name": "hosted",
+        "base_url": "https://llm.example.com/v1",
+        "residency_group": "us",
+        "usd_per_million_input_tokens": 0.18,
+        "usd_per_million_output_tokens": 0.18,
+        "max_concurrency": 32,
+        "added_latency_s": 0.3,
+    }
+    endpoint.update(fields)
+    dep = p.deployments[name].model_copy(
+        update={"managed": [ManagedEndpoint.model_validate(endpoint)]}
+    )
+    return p.model_copy(update={"deployments": {**p.deployments, name: dep}})
+
+
+def with_gateway(p: Policy, name: str = "chat", **fields: Any) -> Policy:
+    """``p`` with these gateway settings for ``name``."""
+    dep = p.deployments[name]
+    gateway = dep.gateway.model_copy(update=fields)
+    dep = dep.model_copy(update={"gateway": gateway})
+    return p.model_copy(update={"deployments": {**p.deployments, name: dep}})
 
 
 def bursty_trace(seed: int = 1, minutes: int = 30, quiet: float = 1.5, busy: float = 5.0) -> Trace:

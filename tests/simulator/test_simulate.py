@@ -19,7 +19,7 @@ from simulator import SimSettings, Trace, simulate
 from simulator.cluster import OWNED, Cluster, Machine
 from simulator.scenarios import billed_seconds, rented_cost, spill_episodes
 from simulator.settings import load_settings
-from tests.simulator.conftest import bursty_trace, policy, settings
+from tests.simulator.conftest import bursty_trace, policy, settings, with_gateway, with_managed
 
 
 def without_wall_times(data: Any) -> Any:
@@ -39,32 +39,56 @@ def test_every_request_is_served_or_rejected_and_none_is_lost() -> None:
     # Three requests no replica can hold (longer than the context), one with nothing to generate.
     rows += [(100.0, 40_000, 10), (700.0, 30_000, 5_000), (1500.0, 100, 0)]
     trace = Trace.of(rows, duration_s=trace.duration_s)
-    sim = simulate(policy(), trace, settings())
+    played = ("reserved-only", "rent-only", "policy", "on-demand", "managed-only")
+    # Replicas count as full at 16 in flight, so that the burst overflows to the endpoint.
+    p = with_gateway(with_managed(policy()), max_concurrency_per_replica=16)
+    sim = simulate(p, trace, settings(), scenarios=played)
     for name, s in sim.summaries.items():
         assert s["requests"] == len(trace), name
         assert s["served"] + s["rejected"] == len(trace), name
         assert s["lost"] == 0, name
-        assert s["rejected"] == 3, name
-        assert s["rejections"] == {
-            "longer than the context length": 2,
-            "no prompt or nothing to generate": 1,
-        }
-        assert s["served_on_reserved"] + s["served_on_rented"] == s["served"]
+        rejections = dict(s["rejections"])
+        if name in ("policy", "managed-only"):  # the endpoint absorbs the burst: no waiting
+            assert rejections.pop("no prompt or nothing to generate") == 1, name
+            # The replica model refuses the long ones; the managed endpoint takes them when
+            # the replicas are full (or always, when there are none).
+            long = [i for i in range(len(trace)) if trace.input_tokens[i] >= 30_000]
+            c = sim.results[name].cluster
+            refused = [i for i in long if c.outcome[i] == 2]
+            assert all(c.outcome[i] in (2, 3) for i in long)
+            assert rejections.pop("longer than the context length", 0) == len(refused)
+            assert name != "managed-only" or not refused
+        rejections.pop("no prompt or nothing to generate", None)
+        rejections.pop("longer than the context length", None)
+        # Anything else is the gateway's own refusal: its queue full, or waited too long.
+        assert all("gateway queue" in reason for reason in rejections), (name, rejections)
+        assert s["rejected"] == sum(s["rejections"].values())
+        assert (
+            s["served_on_reserved"] + s["served_on_rented"] + s["served_on_managed"] == s["served"]
+        )
         c = sim.results[name].cluster
         for i in range(len(trace)):
-            if c.outcome[i] in (0, 1):
+            if c.outcome[i] in (0, 1, 3):
                 assert 0 < c.ttft[i] <= c.e2e[i], (name, i)
     assert sim.summaries["on-demand"]["served_on_reserved"] == 0
     assert sim.summaries["reserved-only"]["served_on_rented"] == 0
-    assert sim.summaries["policy"]["served_on_rented"] > 0  # the burst spilled
+    assert sim.summaries["policy"]["served_on_managed"] > 0  # the burst overflowed
+    assert sim.summaries["managed-only"]["served_on_managed"] == len(trace) - 1
 
 
 def test_requests_arriving_with_no_replica_wait_for_one() -> None:
     """On demand with min_replicas 0 and a silent first minute: nothing runs when the first
-    request comes; it waits for a machine to boot, and is served, not dropped."""
+    request comes; it waits in the gateway queue for a machine to boot, and is served, not
+    dropped, when the queue's timeout allows that long; with the default 30 s it is refused."""
     p = policy()
     dep = p.deployments["chat"].model_copy(update={"min_replicas": 0})
     p = p.model_copy(update={"deployments": {"chat": dep}})
+    one = Trace(array("d", [120.0]), array("l", [500]), array("l", [50]), 600)
+    short = simulate(p, one, settings(), scenarios=("on-demand",))
+    assert short.summaries["on-demand"]["rejections"] == {
+        "waited 30s in the gateway queue (503)": 1
+    }
+    p = with_gateway(p, queue_timeout_s=3600)
     trace = Trace(
         array("d", (120.0 + i for i in range(20))),
         array("l", [500] * 20),
@@ -107,7 +131,13 @@ def test_reserved_cost_is_gpus_times_hours_times_the_committed_price() -> None:
     st = settings(reserved={"machines": 3, "gpus_per_machine": 2, "usd_per_gpu_hour": 1.25})
     sim = simulate(policy(enabled=False, providers=[]), trace, st, scenarios=("reserved-only",))
     s = sim.summaries["reserved-only"]
-    assert s["cost_usd"] == {"reserved": 3 * 2 * 2 * 1.25, "rented": 0.0, "total": 15.0}
+    assert s["cost_usd"] == {
+        "reserved": 3 * 2 * 2 * 1.25,
+        "rented": 0.0,
+        "managed": 0.0,
+        "overflow": 0.0,
+        "total": 15.0,
+    }
     assert s["usd_per_million_output_tokens"] == pytest.approx(15.0 / (360 * 30) * 1e6)
 
 
@@ -131,13 +161,19 @@ def test_a_locked_deployment_never_runs_outside_its_residency_group() -> None:
     assert cheapest.residency != "eu"  # else the lock would not be tested
     # Capacity errors half the time: provisions walk to other offers, all inside the lock.
     clouds = {c: {"boot_s": 60, "capacity_error_probability": 0.5} for c in ("aws", "gcp", "azure")}
-    sim = simulate(policy(residency="eu"), bursty_trace(busy=6.0), settings(clouds=clouds))
+    sim = simulate(
+        policy(residency="eu"),
+        bursty_trace(busy=6.0),
+        settings(clouds=clouds),
+        scenarios=("policy", "on-demand"),
+    )
     residency: dict[tuple[str, str], str] = {
         (c.cloud, r.name): r.residency for c in catalog.clouds.values() for r in c.regions.values()
     }
+    assert sum(s["events"].get("capacity_error", 0) for s in sim.summaries.values()) > 0
     for name in ("policy", "on-demand"):
         s = sim.summaries[name]
-        assert s["events"].get("launch", 0) > 0 and s["events"].get("capacity_error", 0) > 0
+        assert s["events"].get("launch", 0) > 0
         assert s["residency_violations"] == 0
         machines = sim.results[name].cluster.machines.values()
         for m in machines:
@@ -148,9 +184,10 @@ def test_a_locked_deployment_never_runs_outside_its_residency_group() -> None:
 def test_the_same_seed_gives_the_same_result_and_another_seed_does_not() -> None:
     clouds = {c: {"boot_s": 90, "capacity_error_probability": 0.4} for c in ("aws", "gcp", "azure")}
     trace = bursty_trace(minutes=20)
-    first = simulate(policy(), trace, settings(seed=11, clouds=clouds)).data()
-    again = simulate(policy(), trace, settings(seed=11, clouds=clouds)).data()
-    other = simulate(policy(), trace, settings(seed=12, clouds=clouds)).data()
+    played = ("policy", "on-demand")
+    first = simulate(policy(), trace, settings(seed=11, clouds=clouds), scenarios=played).data()
+    again = simulate(policy(), trace, settings(seed=11, clouds=clouds), scenarios=played).data()
+    other = simulate(policy(), trace, settings(seed=12, clouds=clouds), scenarios=played).data()
     assert without_wall_times(first) == without_wall_times(again)
     assert without_wall_times(first)["events"] != without_wall_times(other)["events"]
 
@@ -191,15 +228,21 @@ def test_spilled_machines_are_given_back_after_the_burst() -> None:
 
 
 def test_spilling_holds_the_target_that_reserved_only_misses() -> None:
-    """A step from 1.5 to 5.5 requests/s, past what two reserved replicas hold; machines that
-    boot fast enough for the spill to arrive before the queue has grown."""
+    """A step from 1.5 to 5.5 requests/s, past what two reserved replicas hold. The managed
+    endpoint takes the overflow the moment the reserved replicas are full; rented machines
+    take over once they boot. Without the endpoint the first minutes of the step miss."""
     fast = {c: {"boot_s": 30, "capacity_error_probability": 0.1} for c in ("aws", "gcp", "azure")}
     st = settings(clouds=fast, replica_start_s=20, weights_gb=2)
-    sim = simulate(policy(), bursty_trace(minutes=45, busy=5.5), st)
+    played = ("reserved-only", "rent-only", "policy")
+    sim = simulate(with_managed(policy()), bursty_trace(minutes=45, busy=5.5), st, scenarios=played)
     s = sim.summaries
     assert s["reserved-only"]["slo_attainment"] < 0.99 <= s["policy"]["slo_attainment"]
-    assert s["policy"]["cost_usd"]["rented"] > 0
+    assert s["rent-only"]["slo_attainment"] < s["policy"]["slo_attainment"]
+    assert s["policy"]["cost_usd"]["rented"] > 0 and s["policy"]["served_on_managed"] > 0
     assert s["policy"]["cost_usd"]["reserved"] == s["reserved-only"]["cost_usd"]["reserved"]
+    assert s["policy"]["cost_usd"]["overflow"] == pytest.approx(
+        s["policy"]["cost_usd"]["rented"] + s["policy"]["cost_usd"]["managed"]
+    )
     c = sim.comparison
     assert c["cost_vs_policy"]["policy"] == 1.0
     assert "reserved-only" not in c["holding_slo"] and "policy" in c["holding_slo"]
@@ -217,12 +260,13 @@ def test_settings_file_errors_name_the_line(tmp_path: Path) -> None:
 
 
 def test_outputs_are_written(tmp_path: Path) -> None:
-    sim = simulate(policy(), bursty_trace(minutes=10), settings())
+    sim = simulate(with_managed(policy()), bursty_trace(minutes=10), settings())
     files = sim.write(tmp_path)
     assert {f.name for f in files} == {"simulation.json", "simulation.png", "requests.csv"}
     assert (tmp_path / "simulation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (tmp_path / "requests.csv").read_text().splitlines()
-    assert len(rows) == 1 + 3 * len(sim.trace)
+    assert len(sim.results) == 6  # every played scenario; the bound has no requests of its own
+    assert len(rows) == 1 + len(sim.results) * len(sim.trace)
 
 
 def test_the_example_settings_file_holds_the_defaults() -> None:
@@ -269,27 +313,18 @@ def test_a_cloud_out_of_capacity_everywhere_spills_to_the_others() -> None:
     assert not [e for e in c.events if e.kind == "provision_failed" and e.at < first_launch]
 
 
-def test_the_on_demand_baseline_is_tuned_to_its_cheapest_target_that_holds() -> None:
-    trace = bursty_trace(minutes=30, busy=4.0)
-    tuned = simulate(policy(), trace, settings(on_demand={"tune": True}), scenarios=("on-demand",))
-    target = tuned.setup.target_qps_per_replica
-    assert any("on-demand target tuned to" in n for n in tuned.setup.notes)
-    assert tuned.summaries["on-demand"]["slo_attainment"] >= 0.99
-    # A tenth more per replica rents fewer machines and no longer holds.
-    over = settings(on_demand={"tune": False, "target_qps_per_replica": target * 1.1})
-    pushed = simulate(policy(), trace, over, scenarios=("on-demand",))
-    assert pushed.summaries["on-demand"]["slo_attainment"] < 0.99
-    assert (
-        pushed.summaries["on-demand"]["cost_usd"]["total"]
-        <= (tuned.summaries["on-demand"]["cost_usd"]["total"])
-    )
-
-
 def test_without_a_cloud_to_rent_from_the_on_demand_baseline_is_left_out() -> None:
     """A deployment kept on owned GPUs: no credentials, no offers, yet the simulation runs."""
     owned = policy(enabled=False, providers=[]).model_copy(update={"credentials": Credentials()})
     sim = simulate(
         owned, bursty_trace(minutes=5), settings(reserved={"machines": 1, "usd_per_gpu_hour": 2})
     )
-    assert list(sim.summaries) == ["reserved-only", "policy"]
+    assert list(sim.summaries) == [
+        "reserved-only",
+        "reserved-for-peak",
+        "rent-only",
+        "policy",
+        "hindsight-bound",
+    ]
+    assert any("no managed-only scenario" in n for n in sim.setup.notes)
     assert any("no on-demand baseline" in n for n in sim.setup.notes)
