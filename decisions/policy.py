@@ -169,7 +169,8 @@ class SpillCosts(Strict):
         gt=0,
         le=1e9,
         description="Tokens per second (input and output together, as the gateways count "
-        "overflow) one replica carries within the SLO.",
+        "overflow) one replica carries within the SLO; while the gateways overflow, what the "
+        "healthy replicas report generating (over 1 - input_token_share) is used instead.",
     )
     cold_start_s: Real = Field(
         default=450.0,
