@@ -15,7 +15,10 @@ each on its own channel and schedule, because any of them may run the plan that 
 fleet comes from one at a time, since every scheduler sees every agent. When the watch breaks,
 the link moves to the next scheduler in the list at once, and backs off only after a whole
 round failed; once a watch works it stays on it, and a scheduler that comes back does not win
-the watch back (no flapping). The restart grace above covers the switch too.
+the watch back (no flapping). The restart grace above covers the switch too. One thing is not
+in every scheduler's fleet: a drain through the gateways marks the replica DRAINING only in the
+scheduler whose worker runs it. So the link also keeps a watch on each other scheduler, only
+for those marks, and a replica any of them shows DRAINING is draining here too.
 
 The channel, TLS and token are :mod:`common.schedulerlink`'s, as for the agents.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -238,6 +242,10 @@ class SchedulerLink:
         self.state = LinkState(watching=self._addresses[0])
         #: Set once some scheduler has said its report interval.
         self._told_interval = asyncio.Event()
+        #: The newest fleet of the watched scheduler, as it came.
+        self._primary: tuple[list[RoutableReplica], str] = ([], "")
+        #: Per other scheduler: the replicas it shows DRAINING (a drain it runs).
+        self._marks: dict[str, frozenset[str]] = {}
 
     def _delay(self, attempt: int) -> float:
         """Never above the interval once the scheduler has told it (a retry per interval costs
@@ -250,6 +258,11 @@ class SchedulerLink:
             asyncio.create_task(self._report_forever(address), name=f"traffic to {address}")
             for address in self._addresses
         ]
+        if len(self._addresses) > 1:
+            reports += [
+                asyncio.create_task(self._marks_forever(address), name=f"drains at {address}")
+                for address in self._addresses
+            ]
         try:
             await self._watch_forever()
         finally:
@@ -343,8 +356,75 @@ class SchedulerLink:
             )
         self.state.connected = True
         self.state.fleets_received += 1
-        replicas = [replica_from_pb(r) for r in message.replicas]
-        self._fleet.apply(replicas, message.scheduler_instance, self.state.interval_s)
+        self._primary = ([replica_from_pb(r) for r in message.replicas], message.scheduler_instance)
+        self._apply_merged()
+
+    def _apply_merged(self) -> None:
+        """The watched fleet, with every replica another scheduler drains shown draining."""
+        replicas, instance = self._primary
+        marked = frozenset().union(*self._marks.values()) if self._marks else frozenset()
+        if marked:
+            replicas = [
+                dataclasses.replace(r, state="draining")
+                if r.replica_id in marked and r.state in ("healthy", "starting")
+                else r
+                for r in replicas
+            ]
+        self._fleet.apply(replicas, instance, self.state.interval_s)
+
+    def _set_marks(self, address: str, marks: frozenset[str]) -> None:
+        if self._marks.get(address, frozenset()) == marks:
+            return
+        self._marks[address] = marks
+        if self.state.fleets_received:
+            self._apply_merged()
+
+    async def _marks_forever(self, address: str) -> None:
+        """Drain marks from ``address`` whenever it is not the watched scheduler."""
+        attempt = 0
+        while True:
+            if self.state.watching == address:
+                self._set_marks(address, frozenset())
+                await asyncio.sleep(min(0.25, self.state.interval_s))
+                continue
+            try:
+                await self._marks_session(address)
+                attempt = 0
+            except asyncio.CancelledError:
+                raise
+            except (grpc.aio.AioRpcError, TimeoutError):
+                pass
+            except Exception:  # a bug or a local problem; the fleet watch goes on regardless
+                log.exception("drain watch at %s failed", address)
+            self._set_marks(address, frozenset())
+            if self.state.watching != address:
+                await asyncio.sleep(self._delay(attempt))
+                attempt += 1
+
+    async def _marks_session(self, address: str) -> None:
+        channel = open_channel(address, self._config.scheduler.tls)
+        try:
+            call = pb_grpc.GatewayServiceStub(channel).WatchFleet(
+                pb.WatchFleetRequest(gateway_id=self._config.gateway_id), metadata=self._metadata
+            )
+            iterator = call.__aiter__()
+            while self.state.watching != address:
+                silent_s = SILENT_INTERVALS * self.state.interval_s + 1.0
+                try:
+                    async with asyncio.timeout(silent_s):
+                        message = await iterator.__anext__()
+                except StopAsyncIteration:
+                    return
+                self._set_marks(
+                    address,
+                    frozenset(
+                        r.replica_id
+                        for r in message.replicas
+                        if r.state == pb.REPLICA_STATE_DRAINING
+                    ),
+                )
+        finally:
+            await channel.close(grace=None)
 
     async def _report_forever(self, address: str) -> None:
         """Traffic to one scheduler, once per interval, on a channel of its own: a slow or dead

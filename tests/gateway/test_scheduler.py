@@ -193,3 +193,39 @@ async def test_two_schedulers_the_gateway_reports_to_both_and_fails_over_without
             assert dep.replicas["r-eu-0"].healthy
     finally:
         await gateway.stop()
+
+
+async def test_a_drain_run_by_the_scheduler_not_watched_still_reaches_the_gateway(
+    start_scheduler: SchedulerFactory,
+    tokens: Tokens,
+    tmp_path: Path,
+    replicas: ReplicaFactory,
+    gateway_config: Callable[..., GatewayConfig],
+) -> None:
+    """The drain mark lives in the fleet state of the scheduler whose worker drains."""
+    token = tokens.add("gw-1", "gateway")
+    watched = await start_scheduler()
+    other = await start_scheduler()
+    (replica,) = await replicas("r-eu-0", extra=("--speedup", "50"))
+    config = gateway_config({"chat": deployment()}, Address(token, watched.port))
+    section = config.scheduler.model_copy(
+        update={
+            "address": None,
+            "addresses": [f"127.0.0.1:{s.port}" for s in (watched, other)],
+        }
+    )
+    gateway = Gateway(config.model_copy(update={"scheduler": section}))
+    await gateway.start()
+    try:
+        async with reporting(watched, tokens, tmp_path, replica, also=other):
+            dep = gateway.deployments.by_name["chat"]
+            await until(lambda: "r-eu-0" in dep.replicas and dep.replicas["r-eu-0"].healthy)
+            assert gateway.link.state.watching == f"127.0.0.1:{watched.port}"
+            await until(lambda: other.fleet.mark_draining("r-eu-0"), 5.0)
+            took = await until(lambda: not dep.replicas["r-eu-0"].healthy, 3.0, "drain seen")
+            print(f"a drain on the other scheduler reached the gateway in {took * 1000:.0f} ms")
+            assert dep.replicas["r-eu-0"].target(0.0, 0.0).accepting is False
+            # The watched scheduler itself knows nothing of it.
+            assert "r-eu-0" not in watched.fleet.draining()
+    finally:
+        await gateway.stop()
