@@ -151,6 +151,25 @@ def test_cloud_modules_wrap_the_bootstrap(cloud: str) -> None:
     assert calls["bootstrap"]["cloud"] == cloud
     assert calls["bootstrap"]["append_instance_id"] is True
     assert "module.bootstrap.user_data" in text(f"{cloud}-agent")
+    # Passed through as they are: several schedulers, the Temporal connection, SGLang.
+    for name in (
+        "scheduler_address",
+        "scheduler_addresses",
+        "temporal_namespace",
+        "temporal_server_name",
+        "temporal_ca_pem",
+        "temporal_tls",
+        "install_sglang",
+    ):
+        assert calls["bootstrap"][name] == f"${{var.{name}}}", name
+    # The Temporal secrets become references in the cloud's own store, or none.
+    suffix = {"aws": "arn", "gcp": "id", "azure": "name"}[cloud]
+    for secret, source in zip(
+        TEMPORAL_SECRETS,
+        ("temporal_client_cert_source", "temporal_client_key_source", "temporal_api_key_source"),
+        strict=True,
+    ):
+        assert calls["bootstrap"][source].startswith(f'${{var.{secret}_{suffix} == "" ? null')
 
 
 # --- nothing in from the internet -------------------------------------------------------------
@@ -226,10 +245,22 @@ def parse_free_text(cloud: str) -> str:
     return (MODULES / f"{cloud}-agent" / "main.tf").read_text()
 
 
-# --- identities: the token secret and the weights, nothing else -------------------------------
+# --- identities: the agent's secrets and the weights, nothing else ----------------------------
 
 
-def test_aws_role_reads_only_the_token_and_the_weights() -> None:
+TEMPORAL_SECRETS = (
+    "temporal_client_cert_secret",
+    "temporal_client_key_secret",
+    "temporal_api_key_secret",
+)
+
+
+def secret_list(suffix: str) -> str:
+    """``compact([...])`` of the three Temporal secret variables, as python-hcl2 writes it."""
+    return "compact([" + ", ".join(f"var.{n}_{suffix}" for n in TEMPORAL_SECRETS) + "])"
+
+
+def test_aws_role_reads_only_its_secrets_and_the_weights() -> None:
     found = resources("aws-agent")
     assert not of_type(found, "aws_iam_role_policy_attachment")
     assert not of_type(found, "aws_iam_policy")
@@ -237,12 +268,13 @@ def test_aws_role_reads_only_the_token_and_the_weights() -> None:
     assert policy["policy"] == "${data.aws_iam_policy_document.agent.json}"
     document = found["data.aws_iam_policy_document.agent"]
     grants = {
-        (tuple(statement["actions"]), tuple(statement["resources"]))
+        (tuple(statement["actions"]), _resources(statement["resources"]))
         for statement in document["statement"]
     }
     partition = "${data.aws_partition.current.partition}"
+    secrets = "${concat([var.token_secret_arn], local.temporal_secret_arns)}"
     assert grants == {
-        (("secretsmanager:GetSecretValue",), ("${var.token_secret_arn}",)),
+        (("secretsmanager:GetSecretValue",), (secrets,)),
         (("s3:ListBucket",), (f"arn:{partition}:s3:::${{var.weights_bucket}}",)),
         (("s3:GetObject",), (f"arn:{partition}:s3:::${{var.weights_bucket}}/*",)),
     }
@@ -251,17 +283,29 @@ def test_aws_role_reads_only_the_token_and_the_weights() -> None:
     assert kms["actions"] == ["kms:Decrypt"] and kms["resources"] == ["${statement.value}"]
     assert "var.token_secret_kms_key_arn" in optional["statement"]["for_each"]
     assert kms["condition"][0]["variable"] == "kms:ViaService"
+    arns = parse("aws-agent", "main.tf")["locals"][0]["temporal_secret_arns"]
+    assert arns == "${" + secret_list("arn") + "}"
     assume = found["data.aws_iam_policy_document.assume"]["statement"][0]
     assert assume["principals"][0]["identifiers"] == ["ec2.amazonaws.com"]
 
 
-def test_gcp_service_account_reads_only_the_token_and_the_weights() -> None:
+def _resources(value: Any) -> tuple[str, ...]:
+    """A statement's resources: a list, or one expression (python-hcl2 gives a string)."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def test_gcp_service_account_reads_only_its_secrets_and_the_weights() -> None:
     found = resources("gcp-agent")
     iam = {key: body for key, body in found.items() if "_iam_" in key}
     assert set(iam) == {
         "google_secret_manager_secret_iam_member.token",
+        "google_secret_manager_secret_iam_member.temporal",
         "google_storage_bucket_iam_member.weights",
     }
+    temporal = iam["google_secret_manager_secret_iam_member.temporal"]
+    assert temporal["role"] == "roles/secretmanager.secretAccessor"
+    assert temporal["secret_id"] == "${each.value}"
+    assert temporal["for_each"] == "${toset(" + secret_list("id") + ")}"
     assert iam["google_secret_manager_secret_iam_member.token"]["role"] == (
         "roles/secretmanager.secretAccessor"
     )
@@ -275,8 +319,12 @@ def test_gcp_service_account_reads_only_the_token_and_the_weights() -> None:
     assert account["email"] == "${google_service_account.agent.email}"
 
 
-def test_azure_identity_reads_only_the_token_and_the_weights() -> None:
+def test_azure_identity_reads_only_its_secrets_and_the_weights() -> None:
     found = resources("azure-agent")
+    temporal = found.pop("azurerm_role_assignment.temporal")
+    assert temporal["role_definition_name"] == "Key Vault Secrets User"
+    assert temporal["scope"] == "${var.key_vault_id}/secrets/${each.value}"
+    assert temporal["for_each"] == "${toset(" + secret_list("name") + ")}"
     assignments = of_type(found, "azurerm_role_assignment")
     scopes = {body["role_definition_name"]: body["scope"] for body in assignments}
     assert scopes == {
@@ -362,6 +410,18 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     "aws-subnets": ({"subnet_ids": []}, "Set subnet_ids to at least one private subnet"),
     "aws-token": ({"token_secret_arn": ""}, "Set token_secret_arn to the ARN"),
     "aws-open-serving": ({"serving_cidr_blocks": ["0.0.0.0/0"]}, "must not contain 0.0.0.0/0"),
+    "aws-temporal-key": (
+        {"temporal_api_key_secret_arn": "temporal-key"},
+        "The temporal_api_key_secret_arn must be empty or a Secrets Manager secret ARN",
+    ),
+    "gcp-temporal-key": (
+        {"temporal_client_key_secret_id": "key"},
+        "The temporal_client_key_secret_id must be empty or projects/P/secrets/S",
+    ),
+    "azure-temporal-cert": (
+        {"temporal_client_cert_secret_name": "a/b"},
+        "The temporal_client_cert_secret_name must be empty or a Key Vault secret name",
+    ),
     "gcp-region": ({"region": "us-central1"}, "region us-central1 is not in allowed_regions"),
     "gcp-subnet": ({"subnetwork": ""}, "Set subnetwork to the self link"),
     "gcp-token": ({"token_secret_id": "agent-token"}, "Set token_secret_id to the secret"),

@@ -9,27 +9,47 @@ data "aws_partition" "current" {}
 
 locals {
   control_plane_ports = distinct([
-    for address in compact([var.scheduler_address, var.temporal_address]) :
+    for address in compact(concat([var.scheduler_address, var.temporal_address], var.scheduler_addresses)) :
     tonumber(regex(":([0-9]+)$", address)[0])
   ])
   provider_region_checked = data.aws_region.current.name == var.region ? true : tobool("region is ${var.region} but the aws provider runs in ${data.aws_region.current.name}: set region to the provider's region")
   tags                    = merge(var.tags, { "spillway:group" = var.name })
+  # The node workers' Temporal certificate, key and API key, when they come from Secrets Manager.
+  temporal_secret_arns = compact([var.temporal_client_cert_secret_arn, var.temporal_client_key_secret_arn, var.temporal_api_key_secret_arn])
 }
 
 module "bootstrap" {
   source = "../agent-bootstrap"
 
-  agent_id           = var.name
-  append_instance_id = true
-  cloud              = "aws"
-  pool               = var.pool
-  region             = var.region
-  allowed_regions    = var.allowed_regions
-  residency_group    = var.residency_group
-  extra_labels       = var.extra_labels
-  scheduler_address  = var.scheduler_address
-  scheduler_ca_pem   = var.scheduler_ca_pem
-  temporal_address   = var.temporal_address
+  agent_id             = var.name
+  append_instance_id   = true
+  cloud                = "aws"
+  pool                 = var.pool
+  region               = var.region
+  allowed_regions      = var.allowed_regions
+  residency_group      = var.residency_group
+  extra_labels         = var.extra_labels
+  scheduler_address    = var.scheduler_address
+  scheduler_ca_pem     = var.scheduler_ca_pem
+  scheduler_addresses  = var.scheduler_addresses
+  temporal_address     = var.temporal_address
+  temporal_namespace   = var.temporal_namespace
+  temporal_server_name = var.temporal_server_name
+  temporal_ca_pem      = var.temporal_ca_pem
+  temporal_tls         = var.temporal_tls
+  temporal_client_cert_source = var.temporal_client_cert_secret_arn == "" ? null : {
+    kind = "aws-secretsmanager"
+    ref  = var.temporal_client_cert_secret_arn
+  }
+  temporal_client_key_source = var.temporal_client_key_secret_arn == "" ? null : {
+    kind = "aws-secretsmanager"
+    ref  = var.temporal_client_key_secret_arn
+  }
+  temporal_api_key_source = var.temporal_api_key_secret_arn == "" ? null : {
+    kind = "aws-secretsmanager"
+    ref  = var.temporal_api_key_secret_arn
+  }
+  install_sglang = var.install_sglang
   token_source = {
     kind = "aws-secretsmanager"
     ref  = var.token_secret_arn
@@ -40,7 +60,7 @@ module "bootstrap" {
   system_packages   = var.system_packages
 }
 
-# --- identity: read the token secret and the weights, nothing else ----------------------------
+# --- identity: read the agent's secrets and the weights, nothing else ----------------------------
 
 data "aws_iam_policy_document" "assume" {
   statement {
@@ -55,9 +75,9 @@ data "aws_iam_policy_document" "assume" {
 
 data "aws_iam_policy_document" "agent" {
   statement {
-    sid       = "ReadAgentToken"
+    sid       = "ReadAgentSecrets"
     actions   = ["secretsmanager:GetSecretValue"]
-    resources = [var.token_secret_arn]
+    resources = concat([var.token_secret_arn], local.temporal_secret_arns)
   }
 
   statement {

@@ -125,13 +125,20 @@ variable "weights_bucket" {
 }
 
 variable "scheduler_address" {
-  description = "host:port of the scheduler's gRPC endpoint."
+  description = "host:port of the scheduler's gRPC endpoint. Empty: set scheduler_addresses instead."
   type        = string
+  default     = ""
 
   validation {
-    condition     = can(regex("^(\\[[0-9a-fA-F:]+\\]|[A-Za-z0-9.-]+):[0-9]{1,5}$", var.scheduler_address))
+    condition     = var.scheduler_address == "" || can(regex("^(\\[[0-9a-fA-F:]+\\]|[A-Za-z0-9.-]+):[0-9]{1,5}$", var.scheduler_address))
     error_message = "The scheduler_address must be host:port, e.g. \"scheduler.internal:50051\"."
   }
+}
+
+variable "scheduler_addresses" {
+  description = "host:port of every scheduler when several run active-active (instead of scheduler_address): the agents report to each."
+  type        = list(string)
+  default     = []
 }
 
 variable "scheduler_ca_pem" {
@@ -149,6 +156,69 @@ variable "temporal_address" {
     condition     = var.temporal_address == "" || can(regex("^(\\[[0-9a-fA-F:]+\\]|[A-Za-z0-9.-]+):[0-9]{1,5}$", var.temporal_address))
     error_message = "The temporal_address must be empty or host:port, e.g. \"temporal.internal:7233\"."
   }
+}
+
+variable "temporal_namespace" {
+  description = "Temporal namespace of the node workers."
+  type        = string
+  default     = "default"
+}
+
+variable "temporal_server_name" {
+  description = "Name to check the Temporal frontend's certificate against, when it differs from the host in temporal_address (turns on TLS)."
+  type        = string
+  default     = ""
+}
+
+variable "temporal_ca_pem" {
+  description = "PEM of the CA that signed the Temporal frontend's certificate (public; turns on TLS). Empty: the system roots when TLS is on."
+  type        = string
+  default     = ""
+}
+
+variable "temporal_tls" {
+  description = "TLS to the Temporal frontend with the system roots even without temporal_ca_pem or a client certificate."
+  type        = bool
+  default     = false
+}
+
+variable "temporal_client_cert_secret_arn" {
+  description = "ARN of the Secrets Manager secret holding the node worker's client certificate for mutual TLS to Temporal (PEM; with the key); fetched at boot like the token, never in user data, and the machines may read it. Empty: none."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.temporal_client_cert_secret_arn == "" || can(regex("^arn:[a-z-]+:secretsmanager:", var.temporal_client_cert_secret_arn))
+    error_message = "The temporal_client_cert_secret_arn must be empty or a Secrets Manager secret ARN."
+  }
+}
+
+variable "temporal_client_key_secret_arn" {
+  description = "ARN of the Secrets Manager secret holding the node worker's client private key for mutual TLS to Temporal (PEM; with the certificate); fetched at boot like the token, never in user data, and the machines may read it. Empty: none."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.temporal_client_key_secret_arn == "" || can(regex("^arn:[a-z-]+:secretsmanager:", var.temporal_client_key_secret_arn))
+    error_message = "The temporal_client_key_secret_arn must be empty or a Secrets Manager secret ARN."
+  }
+}
+
+variable "temporal_api_key_secret_arn" {
+  description = "ARN of the Secrets Manager secret holding the node worker's Temporal API key (Temporal Cloud); fetched at boot like the token, never in user data, and the machines may read it. Empty: none."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.temporal_api_key_secret_arn == "" || can(regex("^arn:[a-z-]+:secretsmanager:", var.temporal_api_key_secret_arn))
+    error_message = "The temporal_api_key_secret_arn must be empty or a Secrets Manager secret ARN."
+  }
+}
+
+variable "install_sglang" {
+  description = "Install SGLang (spillway's sglang extra) on machines whose image lacks it; pip runs only when the agent's venv cannot find the sglang module."
+  type        = bool
+  default     = false
 }
 
 variable "control_plane_cidr_blocks" {

@@ -11,17 +11,35 @@ locals {
 module "bootstrap" {
   source = "../agent-bootstrap"
 
-  agent_id           = var.name
-  append_instance_id = true
-  cloud              = "azure"
-  pool               = var.pool
-  region             = var.location
-  allowed_regions    = var.allowed_regions
-  residency_group    = var.residency_group
-  extra_labels       = var.extra_labels
-  scheduler_address  = var.scheduler_address
-  scheduler_ca_pem   = var.scheduler_ca_pem
-  temporal_address   = var.temporal_address
+  agent_id             = var.name
+  append_instance_id   = true
+  cloud                = "azure"
+  pool                 = var.pool
+  region               = var.location
+  allowed_regions      = var.allowed_regions
+  residency_group      = var.residency_group
+  extra_labels         = var.extra_labels
+  scheduler_address    = var.scheduler_address
+  scheduler_ca_pem     = var.scheduler_ca_pem
+  scheduler_addresses  = var.scheduler_addresses
+  temporal_address     = var.temporal_address
+  temporal_namespace   = var.temporal_namespace
+  temporal_server_name = var.temporal_server_name
+  temporal_ca_pem      = var.temporal_ca_pem
+  temporal_tls         = var.temporal_tls
+  temporal_client_cert_source = var.temporal_client_cert_secret_name == "" ? null : {
+    kind = "azure-keyvault"
+    ref  = "https://${local.vault_name}.vault.azure.net/secrets/${var.temporal_client_cert_secret_name}"
+  }
+  temporal_client_key_source = var.temporal_client_key_secret_name == "" ? null : {
+    kind = "azure-keyvault"
+    ref  = "https://${local.vault_name}.vault.azure.net/secrets/${var.temporal_client_key_secret_name}"
+  }
+  temporal_api_key_source = var.temporal_api_key_secret_name == "" ? null : {
+    kind = "azure-keyvault"
+    ref  = "https://${local.vault_name}.vault.azure.net/secrets/${var.temporal_api_key_secret_name}"
+  }
+  install_sglang     = var.install_sglang
   identity_client_id = azurerm_user_assigned_identity.agent.client_id
   token_source = {
     kind = "azure-keyvault"
@@ -33,7 +51,7 @@ module "bootstrap" {
   system_packages   = var.system_packages
 }
 
-# --- identity: read the token secret and the weights, nothing else ----------------------------
+# --- identity: read the agent's secrets and the weights, nothing else ----------------------------
 
 resource "azurerm_user_assigned_identity" "agent" {
   name                = "${var.name}-agent"
@@ -44,6 +62,13 @@ resource "azurerm_user_assigned_identity" "agent" {
 
 resource "azurerm_role_assignment" "token" {
   scope                = "${var.key_vault_id}/secrets/${var.token_secret_name}"
+  role_definition_name = "Key Vault Secrets User"
+  principal_id         = azurerm_user_assigned_identity.agent.principal_id
+}
+
+resource "azurerm_role_assignment" "temporal" {
+  for_each             = toset(compact([var.temporal_client_cert_secret_name, var.temporal_client_key_secret_name, var.temporal_api_key_secret_name]))
+  scope                = "${var.key_vault_id}/secrets/${each.value}"
   role_definition_name = "Key Vault Secrets User"
   principal_id         = azurerm_user_assigned_identity.agent.principal_id
 }

@@ -10,17 +10,35 @@ locals {
 module "bootstrap" {
   source = "../agent-bootstrap"
 
-  agent_id           = var.name
-  append_instance_id = true
-  cloud              = "gcp"
-  pool               = var.pool
-  region             = var.region
-  allowed_regions    = var.allowed_regions
-  residency_group    = var.residency_group
-  extra_labels       = var.extra_labels
-  scheduler_address  = var.scheduler_address
-  scheduler_ca_pem   = var.scheduler_ca_pem
-  temporal_address   = var.temporal_address
+  agent_id             = var.name
+  append_instance_id   = true
+  cloud                = "gcp"
+  pool                 = var.pool
+  region               = var.region
+  allowed_regions      = var.allowed_regions
+  residency_group      = var.residency_group
+  extra_labels         = var.extra_labels
+  scheduler_address    = var.scheduler_address
+  scheduler_ca_pem     = var.scheduler_ca_pem
+  scheduler_addresses  = var.scheduler_addresses
+  temporal_address     = var.temporal_address
+  temporal_namespace   = var.temporal_namespace
+  temporal_server_name = var.temporal_server_name
+  temporal_ca_pem      = var.temporal_ca_pem
+  temporal_tls         = var.temporal_tls
+  temporal_client_cert_source = var.temporal_client_cert_secret_id == "" ? null : {
+    kind = "gcp-secretmanager"
+    ref  = var.temporal_client_cert_secret_id
+  }
+  temporal_client_key_source = var.temporal_client_key_secret_id == "" ? null : {
+    kind = "gcp-secretmanager"
+    ref  = var.temporal_client_key_secret_id
+  }
+  temporal_api_key_source = var.temporal_api_key_secret_id == "" ? null : {
+    kind = "gcp-secretmanager"
+    ref  = var.temporal_api_key_secret_id
+  }
+  install_sglang = var.install_sglang
   token_source = {
     kind = "gcp-secretmanager"
     ref  = var.token_secret_id
@@ -31,7 +49,7 @@ module "bootstrap" {
   system_packages   = var.system_packages
 }
 
-# --- identity: read the token secret and the weights, nothing else ----------------------------
+# --- identity: read the agent's secrets and the weights, nothing else ----------------------------
 
 resource "google_service_account" "agent" {
   project      = var.project_id
@@ -42,6 +60,14 @@ resource "google_service_account" "agent" {
 resource "google_secret_manager_secret_iam_member" "token" {
   project   = split("/", var.token_secret_id)[1]
   secret_id = var.token_secret_id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = "serviceAccount:${google_service_account.agent.email}"
+}
+
+resource "google_secret_manager_secret_iam_member" "temporal" {
+  for_each  = toset(compact([var.temporal_client_cert_secret_id, var.temporal_client_key_secret_id, var.temporal_api_key_secret_id]))
+  project   = split("/", each.value)[1]
+  secret_id = each.value
   role      = "roles/secretmanager.secretAccessor"
   member    = "serviceAccount:${google_service_account.agent.email}"
 }
