@@ -369,11 +369,11 @@ def _bars(
             y = ax.get_ylim()[0] if math.isnan(v) else v
             ax.annotate(text, (x, y), xytext=(0, 2), textcoords="offset points",
                         ha="center", va="bottom", fontsize=7)  # fmt: skip
-        labels = [
-            f"{n}\n(reserved)" if (summaries.get(n) or {}).get("uses_reserved") else n
-            for n in names
-        ]
-        ax.set_xticks(positions, labels, rotation=30, ha="right", fontsize=8)
+        reserving = [bool((summaries.get(n) or {}).get("uses_reserved")) for n in names]
+        labels = [f"{n} *" if r else n for n, r in zip(names, reserving, strict=True)]
+        ax.set_xticks(positions, labels, rotation=35, ha="right", fontsize=8)
+        if any(reserving):
+            ax.set_xlabel("* uses the reserved GPUs", fontsize=8)
 
 
 def _usd(value: float) -> str:
