@@ -101,7 +101,8 @@ def table(figures: dict[str, Any]) -> str:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from spillway.demo_setup import AWS_ENV, start_services
-    from tests.workflows.active_active import ChaosSettings, run_chaos
+    from tests.workflows.active_active import run_chaos
+    from tests.workflows.chaos_figures import ChaosSettings
 
     os.environ.update(AWS_ENV)
     with tempfile.TemporaryDirectory(prefix="spillway-aa-") as tmp:

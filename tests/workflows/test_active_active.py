@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.workflows.active_active import ChaosSettings, run_chaos
+from tests.workflows.active_active import run_chaos
+from tests.workflows.chaos_figures import ChaosSettings
 
 
 async def test_either_scheduler_dies_at_random_and_nothing_is_lost_or_doubled(
