@@ -201,6 +201,7 @@ def plan_step(
         episode=(request.episode_started_at, request.episode_seen_at, request.episodes_s),
         cheaper_since=request.cheaper_since,
         holding=bool(request.pending) or now < request.hold_until or bool(observing),
+        signal_value=value,
     )
     change = adjusted.change
     reason = adjusted.reason

@@ -104,13 +104,15 @@ def adjust(
     episode: tuple[float | None, float | None, Sequence[float]],
     cheaper_since: Sequence[CheaperSince],
     holding: bool,
+    signal_value: float | None = None,
 ) -> SpillAdjustment:
     """The change ``dep`` should make now and why, given the windowed ``decision``.
 
     ``rented`` are its rented replicas still counted as capacity, ``cheapest_offer_usd_per_hour``
     the price of the offer a rental would take (None: nothing can be rented), ``episode`` the
     carried (started at, seen at, durations), ``holding`` whether a provision is pending or held
-    back (no cost release then either).
+    back (no cost release then either), ``signal_value`` the windowed signal now (a release
+    that would lift a per-replica signal over its target is not made: it would be undone).
     """
     costs = dep.autoscaling.costs
     endpoints = [e for e in dep.managed if lock.allows_group(e.residency_group)]
@@ -179,6 +181,10 @@ def adjust(
     if change != 0 or holding or fast.saturated:
         return SpillAdjustment(change, reason, episodes=episodes)
 
+    blocked = _undone_by_window(name, dep, view, signal_value)
+    if blocked and any(c.cheaper for c in cases.values()):
+        cases = {k: c for k, c in cases.items() if not c.cheaper}
+        reason += f"; {blocked}"
     releases, watch, notes = _releases(dep, rented, cases, cheaper_since, now)
     if releases:
         reason = "; ".join(r[2] for r in releases)
@@ -236,6 +242,28 @@ def _judge(
             ),
         )
     return out
+
+
+def _undone_by_window(name: str, dep: Deployment, view: FleetSnapshot, value: float | None) -> str:
+    """Why a release by cost would be undone by the windowed signal; empty when it would not.
+
+    The per-replica signals are means over the healthy replicas: one fewer lifts the mean by
+    ``n / (n - 1)``. Over the target, the window would rent again what cost released.
+    """
+    scaling = dep.autoscaling
+    if value is None or scaling.signal in ("queued_at_gateway", "overflow_tokens_per_s"):
+        return ""
+    n = sum(1 for r in view.replicas if r.deployment == name and r.healthy)
+    if value <= 0:
+        return ""
+    after = value * n / (n - 1) if n > 1 else float("inf")
+    if after <= scaling.target:
+        return ""
+    shown = f"{after:.2f}" if n > 1 else "no replica at all"
+    return (
+        f"one rented replica fewer would put {scaling.signal} at {shown} over its target "
+        f"{scaling.target:g}: no release by cost"
+    )
 
 
 def _releases(

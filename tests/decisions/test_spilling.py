@@ -233,6 +233,34 @@ def test_a_rented_replica_the_traffic_needs_is_kept() -> None:
     assert out.episode_started_at == 100.0  # a rented replica still needed keeps the episode on
 
 
+def test_no_release_by_cost_that_the_windowed_signal_would_undo() -> None:
+    """r1 carries 2 requests: cheap on hosted-eu. With running_per_replica at 2 on each of
+    the two replicas, one fewer leaves 2 * 2 / 1 = 4, not over the target 4: released. At 2
+    and 3 (mean 2.5) one fewer leaves 5 > 4: kept, or the window would rent it again and cost
+    would release it again (a flap)."""
+    pol = cost_policy(release_after_s=0)
+    dep = pol.deployments["chat"]
+    scaling = dep.autoscaling.model_copy(update={"signal": "running_per_replica"})
+    pol.deployments["chat"] = dep.model_copy(update={"autoscaling": scaling})
+    load = GatewayLoad(in_flight={"r0": 2, "r1": 2}, gateways=1)
+
+    def plan(running: tuple[int, int]) -> PlanOutput:
+        replicas = tuple(
+            ReplicaView(rid, "chat", aid, ReplicaState.HEALTHY, running_requests=n)
+            for rid, aid, n in (("r0", "a", running[0]), ("r1", "s", running[1]))
+        )
+        snap = FleetSnapshot((agent("a", 0), rented_agent()), replicas, {"chat": load})
+        return plan_step(pol, snap, CATALOG, PlanInput("chat"), 100.0, ids())
+
+    assert [r.replica_id for r in plan((2, 2)).releases] == ["r1"]
+    kept = plan((2, 3))  # mean 2.5
+    assert kept.releases == []
+    assert (
+        "one rented replica fewer would put running_per_replica at 5.00 over its target 4: "
+        "no release by cost"
+    ) in kept.reason
+
+
 class MiniFleet:
     """Just enough of a fleet to run plan_step tick after tick: a rented replica serves on the
     tick after it is planned, a released one is gone at once; demand (requests in flight)
