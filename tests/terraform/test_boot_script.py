@@ -572,3 +572,18 @@ def test_sglang_extra_is_pinned_in_pyproject() -> None:
     pyproject = tomllib.loads((BOOTSTRAP.parents[2] / "pyproject.toml").read_text())
     (pin,) = pyproject["project"]["optional-dependencies"]["sglang"]
     assert re.fullmatch(r"sglang(\[[a-z,]+\])?==\d+\.\d+\.\d+(\.post\d+)?", pin), pin
+
+
+def test_install_takes_the_extras_the_settings_name(tmp_path: Path) -> None:
+    """A control-plane machine installs the scheduler and the gateway from the same venv."""
+    venv, log = fake_venv(tmp_path, spillway=False, sglang=False)
+    settings = tmp_path / "bootstrap.json"
+    package = {"wheel_url": "", "index_url": "https://pypi.internal/simple", "version": ""}
+    settings.write_text(json.dumps({"extras": "scheduler,gateway", "package": package}))
+    load_boot().install(settings, venv)
+    assert log.read_text().split()[-3:] == [
+        "--index-url",
+        "https://pypi.internal/simple",
+        "spillway[scheduler,gateway]",
+    ]
+    assert (tmp_path / ".spillway-install.lock").exists()  # units sharing the venv take turns

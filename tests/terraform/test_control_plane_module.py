@@ -567,3 +567,32 @@ def test_readme_active_active_scheduler_section_loads() -> None:
         readme_block("agent.yaml or gateway.yaml: two schedulers")["scheduler"]
     )
     assert endpoint.addresses is not None and len(endpoint.addresses) == 2
+
+
+def test_fetch_refuses_an_environment_file_systemd_would_misread(
+    applied: dict[str, Any], tmp_path: Path
+) -> None:
+    paths = laid_out(applied, "temporal_cloud", tmp_path / "etc")
+    settings = json.loads(paths["bootstrap.json"].read_text())
+    holder = tmp_path / "scheduler.env"
+    holder.write_text("AWS_ACCESS_KEY_ID=AKIA0\nsecret-without-a-name\n")
+    for entry in settings["files"]["scheduler"]:
+        if "source" in entry:
+            entry["source"] = {"kind": "file", "ref": str(holder)}
+    paths["bootstrap.json"].write_text(json.dumps(settings))
+    done = subprocess.run(
+        [
+            *(sys.executable, str(BOOT_SCRIPT), "fetch", "--part", "scheduler"),
+            *("--settings", str(paths["bootstrap.json"]), "--run-dir", str(tmp_path / "run")),
+            *("--user", getpass.getuser()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert f"the scheduler's environment file in file {holder}: line 2 is not NAME=value" in (
+        done.stderr
+    )
+    assert "secret-without-a-name" not in done.stderr
