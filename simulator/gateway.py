@@ -144,8 +144,8 @@ class SimGateway:
         self.peak_queue = 0
         self._overflow_tokens = 0
         self._overflow_since = 0.0
-        #: (when, USD) of every request sent to a managed endpoint.
-        self.spend: list[tuple[float, float]] = []
+        #: (when, USD, tokens) of every request sent to a managed endpoint.
+        self.spend: list[tuple[float, float, int]] = []
 
     # -- the view ----------------------------------------------------------------------------
 
@@ -166,10 +166,12 @@ class SimGateway:
     # -- requests ----------------------------------------------------------------------------
 
     def arrive(self, index: int) -> None:
-        """A new request: the waiters go first, then it is routed once, else it queues."""
+        """A new request: the waiters go first (capacity freed since the last pass is theirs),
+        then it is routed once, as the live gateway routes every request once on arrival;
+        with nothing for it, it queues."""
         if self.queue:
             self.pump()
-        if self.queue or not self._attempt(index):
+        if not self._attempt(index):
             self._enqueue(index)
 
     def pump(self) -> None:
@@ -244,7 +246,7 @@ class SimGateway:
         m.output_tokens += new
         usd = e.cost_usd(prompt, new)
         m.cost_usd += usd
-        self.spend.append((now, usd))
+        self.spend.append((now, usd, prompt + new))
         self._overflow_tokens += prompt + new
         p = self.profile
         first = p.prefill_step_s + prompt / p.prefill_tokens_per_s + e.added_latency_s

@@ -77,7 +77,7 @@ def series(result: ScenarioResult, bucket_s: float = BUCKET_S) -> dict[str, list
 def _managed_spend(c: Cluster, buckets: int, bucket_s: float) -> list[float]:
     """What the managed endpoints billed per bucket (each request when it was sent)."""
     out = [0.0] * buckets
-    for at, usd in c.gateway.spend:
+    for at, usd, _ in c.gateway.spend:
         out[min(buckets - 1, int(at // bucket_s))] += usd
     return out
 
