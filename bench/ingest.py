@@ -712,8 +712,9 @@ class Bench:
                     "metrics_listen": f"127.0.0.1:{self.metrics_port}",
                     "tokens_file": tokens_file.name,
                     "report_interval_s": REPORT_INTERVAL_S,
-                    # Streams sit idle between steps; do not let the sweeper forget the agents.
-                    "stale_after_intervals": 3,
+                    # Streams sit idle between steps, and the scheduler closes a stream that is
+                    # silent for stale_after_intervals: keep both far beyond the longest step.
+                    "stale_after_intervals": 600,
                     "gone_after_intervals": 3600,
                 }
             )
