@@ -100,6 +100,12 @@ class PlanInput:
     what it does not keep is simply not known. A caller copies the fields marked *carried*
     from the previous :class:`PlanOutput` (same name) into the next input. Times are seconds
     since the epoch on the caller's clock (workflow time, simulated time), durations seconds.
+
+    The fast signal and the cost model read the fleet snapshot, not this: per deployment a
+    ``GatewayLoad`` (``queue_depth``, ``oldest_queued_s``, ``overflow_tokens_per_s`` counting
+    input and output tokens, ``in_flight`` by replica id and by managed endpoint name,
+    ``gateways`` > 0 so that in-flight counts are trusted), and per replica
+    ``generation_tokens_per_s`` (output tokens per second; 0 when unknown).
     """
 
     deployment: str
