@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -75,9 +76,20 @@ def table(figures: dict[str, Any]) -> str:
     converge = figures["converge_s"]
     for name, value, target in (
         ("duplicate machines", figures["duplicate_machines"], "0"),
+        (
+            "provisions / releases started",
+            f"{figures['provisions']} / {figures['releases']}",
+            "",
+        ),
+        (
+            "samples with more machines live than max_spilled",
+            figures["samples_over_max_spilled"],
+            "",
+        ),
         ("leaked machines", figures["leaked_machines"], "0"),
         ("machines launched", figures["machines_launched"], ""),
         ("decisions (by scheduler)", f"{figures['decisions']} {figures['decisions_by']}", ""),
+        ("held while a restarted scheduler learnt the fleet", figures["warm_up_holds"], ""),
         ("usual time between decisions", f"{figures['decision_cadence_s']:.2f}s", ""),
         (
             "decision delay after a kill: median / p90 / max",
@@ -105,6 +117,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from tests.workflows.chaos_figures import ChaosSettings
 
     os.environ.update(AWS_ENV)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's access log
     with tempfile.TemporaryDirectory(prefix="spillway-aa-") as tmp:
         root = Path(tmp)
         services = start_services(root)

@@ -180,21 +180,13 @@ def sticky_timeout(decide_every_s: float) -> timedelta:
     Several schedulers poll the same task queue (active-active), and each caches the workflows
     it ran; the next task of a workflow goes to that worker first. When that scheduler is
     killed (no goodbye to Temporal), the task waits this long before any worker may take it, so
-    it bounds how long a deployment's decisions pause: half a decision interval (at least
-    0.2 s, at most the SDK's 10 s). A live worker that misses it costs one replay, nothing else.
+    it bounds how long a deployment's decisions pause, with the time the other worker then
+    takes to replay the run's history: half a decision interval (at least 0.2 s, at most the
+    SDK's 10 s). A live worker that misses it costs one replay, nothing else. (A task the killed
+    worker had already started waits for the workflow task timeout, 10 s; that one is not
+    shortened, because a replay of a long history on a busy machine must still fit in it.)
     """
     return timedelta(seconds=min(10.0, max(0.2, decide_every_s / 2)))
-
-
-def decision_task_timeout(decide_every_s: float) -> timedelta:
-    """How long a deployment workflow's task may run on one worker before another gets it.
-
-    A scheduler killed while its worker runs a workflow task holds that task until this
-    passes: one decision interval (at least 2 s, so that replaying a long history on a busy
-    machine still fits; at most the SDK's 10 s). With the default 5 s interval the
-    deployment's decisions pause for at most about one interval.
-    """
-    return timedelta(seconds=min(10.0, max(2.0, decide_every_s)))
 
 
 @dataclass
@@ -232,7 +224,6 @@ class ControlHost:
                 id=workflow_id(name),
                 task_queue=self.task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                task_timeout=decision_task_timeout(self.plane.decide_every_s),
             )
         await self.client.start_workflow(
             SweeperWorkflow.run,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import random
 import signal
@@ -53,6 +54,8 @@ from workflows.deployment import workflow_id
 from workflows.sweeper import SWEEPER_ID
 
 NAMES = ("a", "b")
+#: The words of a plan decision made while its scheduler is still learning the fleet.
+WARMING_UP = "the scheduler started"
 EU_REGIONS = sorted(
     name
     for name, region in default_catalog().cloud("aws").regions.items()
@@ -284,6 +287,8 @@ class Chaos:
             self.keys_seen.update(keys)
             r = self.report
             r.max_live_machines = max(r.max_live_machines, len(live))
+            # Two live machines for one launch key, or machines of two offers of one provision:
+            # either is a machine too many.
             for key in {k for k in keys if keys.count(k) > 1}:
                 if key not in r.duplicate_keys:
                     r.duplicate_keys.append(key)
@@ -366,6 +371,12 @@ class Chaos:
                 {m["key"] for m in self._rented()} | {i.key for i in self._stand_ins()}
             )
             self.report.machines_launched = len(self.keys_seen)
+            by_provision: dict[str, set[str]] = {}
+            for key in self.keys_seen:
+                by_provision.setdefault(key.rsplit(".", 1)[0], set()).add(key)
+            self.report.duplicate_keys += sorted(
+                k for keys in by_provision.values() if len(keys) > 1 for k in keys
+            )
             await self._decisions()
         finally:
             for task in observers:
@@ -423,6 +434,12 @@ class Chaos:
                         if begun.attempt > 1:  # an earlier attempt timed out on a dead worker
                             at = event.event_time.ToDatetime(tzinfo=UTC).timestamp()
                             timeouts.append((at, "plan activity held by the killed worker"))
+                elif kind == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED:
+                    child = event.start_child_workflow_execution_initiated_event_attributes
+                    if child.workflow_type.name == "provision":
+                        self.report.provisions += 1
+                    elif child.workflow_type.name == "release":
+                        self.report.releases += 1
                 elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
                     attrs = event.workflow_task_timed_out_event_attributes
                     what = (
@@ -436,6 +453,7 @@ class Chaos:
                     if done.scheduled_event_id in scheduled:
                         at = event.event_time.ToDatetime(tzinfo=UTC).timestamp()
                         times.append((at, started_by.get(done.scheduled_event_id, "?")))
+                        self._check_hold(json.loads(done.result.payloads[0].data))
         times.sort()
         r = self.report
         r.decisions = len(times)
@@ -459,6 +477,14 @@ class Chaos:
                 )
             else:
                 r.errors.append(f"round {kill.round}: no decision around the kill")
+
+    def _check_hold(self, plan: dict[str, Any]) -> None:
+        """A scheduler still learning the fleet after its start holds: it starts and releases
+        nothing (each scheduler decides that from its own start and its own fleet)."""
+        if WARMING_UP in plan.get("reason", ""):
+            self.report.warm_up_holds += 1
+            if plan.get("starts") or plan.get("releases"):
+                self.report.errors.append(f"a scheduler acted while warming up: {plan}")
 
     # -- clean-up ----------------------------------------------------------------------------
 

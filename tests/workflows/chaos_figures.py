@@ -67,11 +67,17 @@ class ChaosReport:
     decisions_by: dict[str, int] = field(default_factory=dict)
     machines_launched: int = 0
     max_live_machines: int = 0
+    #: Provision and release workflows the deployment started.
+    provisions: int = 0
+    releases: int = 0
     duplicate_keys: list[str] = field(default_factory=list)
-    #: Moments more machines were live than the policy allows.
+    #: Samples (four a second) with more machines live than ``max_spilled``: a machine still
+    #: being given back while the next one is launched counts here, so it is shown, not judged.
     over_cap: int = 0
     leaked: list[str] = field(default_factory=list)
     rented_served: bool = False
+    #: Decisions a scheduler made while still learning the fleet after its start (held).
+    warm_up_holds: int = 0
     #: The usual time between two decisions (the median gap without a kill in it).
     cadence_s: float = 0.0
     elapsed_s: float = 0.0
@@ -88,9 +94,13 @@ class ChaosReport:
             "interval_s": self.settings.interval_s,
             "decisions": self.decisions,
             "decisions_by": self.decisions_by,
+            "warm_up_holds": self.warm_up_holds,
             "machines_launched": self.machines_launched,
             "max_live_machines": self.max_live_machines,
-            "duplicate_machines": len(self.duplicate_keys) + self.over_cap,
+            "provisions": self.provisions,
+            "releases": self.releases,
+            "duplicate_machines": len(self.duplicate_keys),
+            "samples_over_max_spilled": self.over_cap,
             "leaked_machines": len(self.leaked),
             "rented_replica_served": self.rented_served,
             "decision_cadence_s": round(self.cadence_s, 3),

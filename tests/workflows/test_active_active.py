@@ -25,22 +25,26 @@ async def test_either_scheduler_dies_at_random_and_nothing_is_lost_or_doubled(
     assert {k.victim for k in report.kills} == {"a", "b"}
     # The spill happened: a rented machine served, and every one was given back.
     assert report.rented_served and report.machines_launched >= 1, figures
-    assert report.duplicate_keys == [] and report.over_cap == 0, figures
+    # One machine per provision, never two for one launch key or one provision.
+    assert report.duplicate_keys == [], figures
+    assert report.machines_launched <= report.provisions, figures
     assert report.leaked == [], figures
     interval = settings.interval_s
     for kill in report.kills:
         delay = kill.gap_s - report.cadence_s
-        if set(kill.waited_for) <= {"workflow task waiting for the killed worker"}:
+        if not kill.waited_for:
             # Decisions resume within one report interval of when they were due (the usual
-            # cadence is one interval plus the time a decision takes), also when the dead
-            # worker had the workflow cached (its next task waits half an interval for it).
+            # cadence is one interval plus the time a decision takes).
             assert delay <= interval, (kill, figures)
+        elif kill.waited_for == ["workflow task waiting for the killed worker"]:
+            # The dead worker had the workflow cached: its next task waited half an interval
+            # for it, then the survivor replayed the history.
+            assert delay <= 2 * interval, (kill, figures)
         else:
             # The kill caught a task the dead worker had started: Temporal hands it on after
-            # its timeout (the workflow task's: one interval, at least 2 s; the plan
-            # activity's 30 s).
-            bound = 30 if any("activity" in w for w in kill.waited_for) else 2
-            assert delay <= bound + interval, (kill, figures)
+            # its timeout (the workflow task's 10 s; the plan activity's 30 s).
+            bound = 30 if any("activity" in w for w in kill.waited_for) else 10
+            assert delay <= bound + 2 * interval, (kill, figures)
         # The restarted scheduler's fleet view is the survivor's within two intervals.
         assert kill.converge_s <= 2 * interval, (kill, figures)
 
