@@ -16,14 +16,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
 
 from decisions.fleetview import ReplicaState
 from decisions.planning import failover_offers, offers_in_lock, plan_step
-from decisions.plantypes import OfferChoice, PendingReplica, PlanInput, SamplePoint, trim_samples
+from decisions.plantypes import (
+    OfferChoice,
+    PendingReplica,
+    PlanInput,
+    PlanOutput,
+    SamplePoint,
+    trim_samples,
+)
 from decisions.policy import Deployment, Policy, spill_providers
 from providers.catalog import Catalog, Offer
 from simulator.cluster import Cluster, LaunchOption
 from simulator.settings import SimSettings
+
+#: The PlanOutput fields a caller copies into the next PlanInput (see decisions.plantypes).
+_CARRIED = tuple(
+    f.name
+    for f in fields(PlanInput)
+    if f.name not in ("deployment", "samples", "last_change_at", "pending", "releasing")
+    and f.name != "hold_until"
+    and f.name in {g.name for g in fields(PlanOutput)}
+)
 
 
 def launch_option(choice: OfferChoice | Offer) -> LaunchOption:
@@ -58,6 +76,10 @@ class SpillwayController:
         self.hold_until = 0.0
         self.lock_errors: list[str] = []
         self.plans = 0
+        #: The episode and release bookkeeping plan_step asks its caller to carry.
+        self.carried: dict[str, Any] = {}
+        #: Every decision's one-line reason, with its time: the simulator's event log of why.
+        self.reasons: list[tuple[float, str]] = []
         self._cluster: Cluster | None = None
 
     def tick(self, cluster: Cluster, now: float) -> None:
@@ -73,6 +95,7 @@ class SpillwayController:
                 list(self.pending),
                 list(self.releasing),
                 self.hold_until,
+                **self.carried,
             ),
             now,
             lambda: cluster.new_id("replica"),
@@ -82,6 +105,9 @@ class SpillwayController:
         self.plans += 1
         if not plan.exists:
             raise ValueError(f"deployment {self.deployment!r} is not in the policy")
+        self.carried = {name: getattr(plan, name) for name in _CARRIED if hasattr(plan, name)}
+        if plan.starts or plan.releases:
+            self.reasons.append((now, plan.reason))
         if plan.sample is not None:
             self.samples.append(plan.sample)
         self.samples = trim_samples(self.samples, now - plan.window_s)
