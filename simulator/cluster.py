@@ -36,6 +36,7 @@ from decisions.routing import Tier
 from simulator.gateway import MANAGED, REJECTED, RESERVED, SPILLED, Dispatch, SimGateway
 from simulator.settings import SimSettings
 from simulator.trace import Trace
+from simulator.warmpool import WarmPoolModel
 
 __all__ = ["MANAGED", "OWNED", "REJECTED", "RESERVED", "SPILLED", "Cluster", "TooManyMisses"]
 
@@ -192,6 +193,8 @@ class Cluster:
         #: Stop the run (:class:`TooManyMisses`) once more requests than this missed the target.
         self.miss_budget = miss_budget
         self.misses = 0
+        #: Released machines kept stopped (``spillover.release: stop``); None: terminated.
+        self.warm_pool: WarmPoolModel | None = None
         self.gateway = SimGateway(
             lock or Lock(None, None, None),
             routing,
@@ -316,6 +319,8 @@ class Cluster:
         is accepted, then boot, prefetch and start; tell ``controller`` how it ended."""
         attempts = [(o, z) for o in options for z in (o.zones or ("",))]
         s = self.settings
+        if self.warm_pool is not None and self._restart(replica_id, controller):
+            return
 
         def attempt(index: int) -> None:
             if index >= len(attempts):
@@ -367,6 +372,33 @@ class Cluster:
 
         attempt(0)
 
+    def _restart(self, replica_id: str, controller: Controller) -> bool:
+        """Start a stopped machine of the warm pool for ``replica_id``: boot and replica start,
+        no weight download; billed again from now."""
+        assert self.warm_pool is not None
+        taken = self.warm_pool.take(self.now)
+        if taken is None:
+            return False
+        s = self.settings
+        option = LaunchOption(
+            taken.cloud, taken.instance_type, taken.region, (), taken.usd_per_hour
+        )
+        boot = s.cloud(taken.cloud).boot_s
+        machine = self.rent(replica_id, option, self.now + s.launch_call_s + boot)
+        self._event("restart", replica_id, f"{_where(machine)} started from the warm pool")
+
+        def begin() -> None:
+            self.place_replica(
+                replica_id,
+                machine,
+                list(range(machine.gpus)),
+                self.now + s.replica_start_s,
+                on_ready=lambda: controller.provision_finished(replica_id, True, self.now),
+            )
+
+        self.at(machine.registered_at, begin)
+        return True
+
     def release(self, replica_id: str, controller: Controller) -> None:
         """Stop routing to ``replica_id``; when its requests are done, give its machine back."""
         replica = self.replicas.get(replica_id)
@@ -380,6 +412,10 @@ class Cluster:
         self._event("release", replica_id, f"draining on {_where(replica.machine)}")
         self._release_controllers[replica_id] = controller
         self._finish_drains()
+
+    def decision(self, reason: str) -> None:
+        """A decision that started or released something, in the one line that explains it."""
+        self._event("decision", "", reason)
 
     def wake(self) -> None:
         """Decide again now, outside the regular ticks (a provision or release just ended), as
@@ -571,7 +607,20 @@ class Cluster:
             machine.free_gpus = sorted({*machine.free_gpus, *replica.gpu_indices})
             if machine.rented:
                 machine.terminated_at = stopped
-                self._event("terminated", replica.replica_id, f"{_where(machine)} given back")
+                why = "no warm pool"
+                if self.warm_pool is not None and not final:
+                    why = self.warm_pool.stop(
+                        machine.machine_id,
+                        machine.provider,
+                        machine.instance_type,
+                        machine.region,
+                        machine.usd_per_hour,
+                        stopped,
+                    )
+                if why:
+                    self._event("terminated", replica.replica_id, f"{_where(machine)} given back")
+                else:
+                    self._event("stopped", replica.replica_id, f"{_where(machine)} kept stopped")
             controller = self._release_controllers.pop(replica.replica_id, None)
             if controller is not None and not final:
                 controller.release_finished(replica.replica_id, self.now)

@@ -108,6 +108,7 @@ class SpillwayController:
         self.carried = {name: getattr(plan, name) for name in _CARRIED if hasattr(plan, name)}
         if plan.starts or plan.releases:
             self.reasons.append((now, plan.reason))
+            cluster.decision(plan.reason)
         if plan.sample is not None:
             self.samples.append(plan.sample)
         self.samples = trim_samples(self.samples, now - plan.window_s)

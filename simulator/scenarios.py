@@ -53,6 +53,7 @@ from simulator.probes import (
 )
 from simulator.settings import SimSettings
 from simulator.trace import Trace
+from simulator.warmpool import WarmPoolModel
 
 #: Every scenario, in the order they are shown.
 SCENARIOS = (
@@ -392,6 +393,11 @@ def run_scenario(
         reserved_pools=dep.pools if uses_reserved else (),
         miss_budget=stop_after_misses,
     )
+    if name in ("rent-only", "policy") and policy.deployments[setup.deployment].spillover.warm():
+        disk_gb = settings.warm_pool_disk_gb or 2 * setup.weights_bytes / 1e9
+        cluster.warm_pool = WarmPoolModel(
+            policy, setup.deployment, catalog, disk_gb, settings.disk_usd_per_gb_month
+        )
     reserved_gpus = machines * setup.gpus_per_machine if uses_reserved else 0
     lock_errors: list[str] = []
     plans = 0
@@ -438,7 +444,8 @@ def run_scenario(
         cluster=cluster,
         reserved_gpus=reserved_gpus,
         cost_reserved=reserved_gpus * hours * setup.reserved_usd_per_gpu_hour,
-        cost_rented=rented_cost(cluster, settings),
+        cost_rented=rented_cost(cluster, settings)
+        + (cluster.warm_pool.disk_usd(cluster.horizon) if cluster.warm_pool else 0.0),
         episodes=spill_episodes(cluster),
         wall_s=time.perf_counter() - started,
         lock_errors=lock_errors,

@@ -221,6 +221,18 @@ class SimSettings(Strict):
         gt=0,
         description="The hindsight bound plans capacity in steps of this many seconds.",
     )
+    warm_pool_disk_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Disk a machine stopped in the warm pool keeps paying for (unset: twice "
+        "the weights: the weights and room for the image and caches).",
+    )
+    disk_usd_per_gb_month: float = Field(
+        default=0.08,
+        ge=0,
+        description="Price of a stopped machine's disk (AWS EBS gp3 list price in US East, "
+        "USD 0.08 per GB-month; other clouds' block storage is priced alike).",
+    )
     clouds: dict[str, CloudModel] = Field(default_factory=_default_clouds)
     reserved: ReservedFleet = Field(default_factory=ReservedFleet)
     on_demand: OnDemandBaseline = Field(default_factory=OnDemandBaseline)

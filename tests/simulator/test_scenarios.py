@@ -272,3 +272,56 @@ def test_tuning_on_other_data_is_used_and_said() -> None:
     assert math.isclose(own.summaries["reserved-for-peak"]["slo_attainment"], 1.0) or (
         own.summaries["reserved-for-peak"]["slo_attainment"] >= SLO_SHARE
     )
+
+
+def _two_bursts() -> Trace:
+    """Busy for 5 minutes, quiet for 15, busy for 5 again, then quiet."""
+    first = bursty_trace(seed=4, minutes=15, quiet=0.5, busy=6.0)
+    rows = [
+        (first.arrivals[i], first.input_tokens[i], first.output_tokens[i])
+        for i in range(len(first))
+    ]
+    rows += [(t + 1200.0, a, b) for t, a, b in rows]
+    return Trace.of(rows, duration_s=2700)
+
+
+@pytest.mark.parametrize("release", ["terminate", "stop"])
+def test_a_warm_pool_restarts_a_stopped_machine_without_downloading(release: str) -> None:
+    p = policy(release=release, max_spilled_replicas=1, cool_down_s=60)
+    st = settings(reserved={"machines": 1}, weights_gb=60, disk_usd_per_gb_month=30.0)
+    sim = simulate(p, _two_bursts(), st, scenarios=("rent-only",))
+    c = sim.results["rent-only"].cluster
+    kinds = [e.kind for e in c.events]
+    launches = [e for e in c.events if e.kind in ("launch", "restart")]
+    assert len(launches) >= 2
+    boot = st.cloud(
+        c.machines[f"{launches[0].text.split()[0]}-{launches[0].replica_id}"].provider
+    ).boot_s
+    download = 60e9 / (st.prefetch_mb_per_s * 1e6)
+    ready = {e.replica_id: e.at for e in c.events if e.kind == "healthy"}
+    if release == "stop":
+        assert "stopped" in kinds and "restart" in kinds
+        restart = next(e for e in c.events if e.kind == "restart")
+        # Boot and replica start, no download.
+        assert ready[restart.replica_id] - restart.at == pytest.approx(
+            st.launch_call_s + boot + st.replica_start_s
+        )
+        assert c.warm_pool is not None and c.warm_pool.restarts >= 1
+        disk = c.warm_pool.disk_usd(c.horizon)
+        assert disk > 0
+        assert sim.summaries["rent-only"]["cost_usd"]["rented"] == pytest.approx(
+            disk + _compute_cost(sim)
+        )
+    else:
+        assert "stopped" not in kinds and "restart" not in kinds
+        second = launches[1]
+        assert ready[second.replica_id] - second.at == pytest.approx(
+            boot + download + st.replica_start_s
+        )
+        assert c.warm_pool is None
+
+
+def _compute_cost(sim: Any) -> float:
+    from simulator.scenarios import rented_cost
+
+    return rented_cost(sim.results["rent-only"].cluster, sim.settings)
