@@ -183,6 +183,11 @@ def simulate(
     """
     settings = settings or SimSettings()
     started = time.perf_counter()
+    named = deployment or (next(iter(policy.deployments)) if len(policy.deployments) == 1 else "")
+    dep = policy.deployments.get(named)
+    if dep is not None and "ttft_slo_s" not in settings.model_fields_set:
+        # The policy's own promise, unless the settings (or --ttft-slo) say otherwise.
+        settings = settings.model_copy(update={"ttft_slo_s": dep.slo.ttft_s})
     setup = prepare(policy, trace, settings, deployment, catalog)
     notes = list(setup.notes)
     if "on-demand" in scenarios and not setup.offers:

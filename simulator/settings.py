@@ -151,7 +151,10 @@ class OnDemandBaseline(Strict):
 class SimSettings(Strict):
     seed: int = Field(default=0, description="Seeds every random draw; same seed, same result.")
     ttft_slo_s: float = Field(
-        default=2.0, gt=0, description="Time-to-first-token target for SLO attainment."
+        default=2.0,
+        gt=0,
+        description="Time-to-first-token target for SLO attainment (unset: the deployment's "
+        "slo.ttft_s in the policy).",
     )
     decide_every_s: float = Field(
         default=5, gt=0, description="Autoscaling tick (the scheduler's report interval)."
