@@ -561,9 +561,8 @@ class ControlActivities:
         policy = plane.policies.policy
         dep = policy.deployments.get(request.deployment)
         out = WarmStartOutput()
-        if dep is None or not dep.spillover.enabled:
-            out.note = "the policy in force lets it rent nothing"
-            return out
+        if dep is None or not dep.spillover.enabled or dep.spillover.warm() is None:
+            return out  # no warm pool: nothing to say, the provision launches
         clouds = [c for c in spill_providers(policy, dep) if c in plane.providers]
         async with self._claim_lock:
             listed = await self._managed(clouds)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from common.configfile import ConfigError, load_model
 from decisions.policy import Policy, WarmPool, resolve_lock
 from decisions.warmpool import expired, release_action, reusable, warm_machine
 from providers.base import CLAIM_LABEL, DEPLOYMENT_LABEL, WARM_LABEL, Instance, label_safe
@@ -128,3 +130,58 @@ def test_reusable_only_inside_the_lock_of_the_sku_stopped_cheapest_first() -> No
     aws_first = prices["aws"] <= prices["gcp"]
     assert got == (["aws-new", "aws-old", "gcp"] if aws_first else ["gcp", "aws-new", "aws-old"])
     assert [m.key for m in reusable(machines, "chat.eu", dep, lock, catalog, ["gcp"])] == ["gcp"]
+
+
+@pytest.mark.parametrize(
+    ("spillover", "error"),
+    [
+        (
+            "release: halt",
+            "{file}:13: deployments.chat.spillover.release: Input should be 'terminate' or "
+            "'stop' (got 'halt')",
+        ),
+        (
+            "warm_pool: {max_machines: 2}",
+            "{file}:9: deployments.chat.spillover: warm_pool is set but release is "
+            "terminate: no machine is ever stopped; set release: stop or remove warm_pool",
+        ),
+        (
+            "release: stop\n      warm_pool: {max_machines: 0}",
+            "{file}:14: deployments.chat.spillover.warm_pool.max_machines: Input should be "
+            "greater than or equal to 1 (got 0)",
+        ),
+        (
+            "release: stop\n      warm_pool: {max_stopped_s: -5}",
+            "{file}:14: deployments.chat.spillover.warm_pool.max_stopped_s: Input should be "
+            "greater than 0 (got -5)",
+        ),
+    ],
+)
+def test_a_bad_warm_pool_is_one_line_naming_the_file_line_and_field(
+    tmp_path: Path, spillover: str, error: str
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "deployments:\n"
+        "  chat:\n"
+        "    model: chat\n"
+        "    weights: /models/chat\n"
+        "    sku: H100-80GB\n"
+        "    gpus: 8\n"
+        "    max_replicas: 2\n"
+        "    autoscaling: {target: 2}\n"
+        "    spillover:\n"
+        "      enabled: true\n"
+        "      residency: eu\n"
+        "      max_spilled_replicas: 1\n"
+        f"      {spillover}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_model(path, Policy)
+    assert str(raised.value) == error.format(file=path)
+
+
+def test_release_stop_alone_keeps_one_machine_for_an_hour() -> None:
+    pool = policy(release="stop").deployments["chat.eu"].spillover.warm()
+    assert pool == WarmPool(max_machines=1, max_stopped_s=3600)
+    assert policy().deployments["chat.eu"].spillover.warm() is None
