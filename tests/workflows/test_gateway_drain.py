@@ -33,9 +33,9 @@ from workflows.types import (
     DrainAtGatewaysOutput,
     DrainReplicaArgs,
     ReleaseInput,
+    ReleaseMachineInput,
+    ReleaseMachineOutput,
     ReleaseResult,
-    TerminateInput,
-    TerminateOutput,
 )
 
 REPLICA_ID = REPLICA.replica_id
@@ -190,10 +190,10 @@ async def test_release_drains_at_the_gateways_before_the_node(temporal_address: 
         calls.append(f"node {request.replica_id}")
         return {"state": "stopped"}
 
-    @activity.defn(name="terminate_instance")
-    async def terminate_instance(request: TerminateInput) -> TerminateOutput:
-        calls.append(f"terminate {request.key}")
-        return TerminateOutput(request.key, True)
+    @activity.defn(name="release_machine")
+    async def release_machine(request: ReleaseMachineInput) -> ReleaseMachineOutput:
+        calls.append(f"release {request.key}")
+        return ReleaseMachineOutput(request.key, terminated=True, outcome="machine terminated")
 
     suffix = uuid.uuid4().hex[:6]
     control, agent_id = f"control-{suffix}", f"node-{suffix}"
@@ -203,7 +203,7 @@ async def test_release_drains_at_the_gateways_before_the_node(temporal_address: 
             client,
             task_queue=control,
             workflows=[ReleaseWorkflow],
-            activities=[drain_at_gateways, terminate_instance],
+            activities=[drain_at_gateways, release_machine],
         ),
         Worker(client, task_queue=f"agent-{agent_id}", activities=[drain_replica]),
     ):
@@ -228,6 +228,6 @@ async def test_release_drains_at_the_gateways_before_the_node(temporal_address: 
     assert calls == [
         f"gateways chat-{suffix} 20",
         f"node chat-{suffix}",
-        f"terminate provision-chat-{suffix}.0",
+        f"release provision-chat-{suffix}.0",
     ]
     assert result.gateway_in_flight == 1 and result.drained == "stopped" and result.terminated
