@@ -580,12 +580,18 @@ class ControlActivities:
                 pick = fits[0]
                 since = pick.since
                 chosen = next(i for i in listed if i.key == pick.key)
+                owner = plane.providers[pick.cloud]
                 await self._cloud(
-                    lambda: plane.providers[pick.cloud].set_labels(
+                    lambda: owner.set_labels(
                         pick.key, {CLAIM_LABEL: request.claim, WARM_LABEL: None}
                     ),
                     f"claiming {pick.key}",
                 )
+                # Read back: another control plane may have claimed it at the same moment.
+                claimed = await self._cloud(lambda: owner.describe(pick.key), "reading back")
+                if claimed is None or not same_label(claimed.label(CLAIM_LABEL), request.claim):
+                    out.note = f"warm machine {pick.instance_id} was taken by another provision"
+                    return out
         provider = plane.providers[chosen.cloud]
         key = chosen.key
         try:
