@@ -2,24 +2,27 @@
 knowing the whole trace in advance.
 
 Computed, not played. Time is cut into steps of ``hindsight_bucket_s`` seconds. In each step
-the reserved replicas serve up to their load-tested capacity (``replica_capacity_rps``, the
-rate one replica of the same replica model holds within the TTFT target, times their number);
-what arrives beyond that is overflow. The overflow of a step can go
+the reserved replicas serve up to what one replica of the same replica model finishes flat out
+(``replica_throughput_rps``: each request's prefill and its share of full decode batches, for
+the trace's request sizes), times their number: more than any replica serves within the TTFT
+target, so that the bound stays a bound; what arrives beyond that is overflow. The overflow of
+a step can go
 
-- to rented replicas (each serves up to the same capacity), billed for the step at the
-  cheapest offer inside the lock; a rented replica added is paid for its whole cold start
-  before it (launch call, boot, weight download, replica start: it was started exactly one
-  cold start ahead, because the future is known), and nothing when it is let go;
-- to the managed endpoints inside the lock, cheapest first, each up to its concurrency over
-  the step's mean service time, at the step's mean cost per request;
+- to rented replicas (each serves up to the same rate), billed for the step at the cheapest
+  offer inside the lock; a rented replica added is paid for its whole cold start before it
+  (launch call, boot, weight download, replica start: it was started exactly one cold start
+  ahead, because the future is known), and nothing when it is let go;
+- to the managed endpoints inside the lock, cheapest first, each up to its concurrency over the
+  step's mean service time, at the step's mean cost per request;
 - nowhere: a miss. The SLO allows ``1 - 0.99`` of the requests to miss.
 
 The cheapest plan is a shortest path over (step, rented replicas) (dynamic programming: the
-number of rented replicas is the state, adding one costs its cold start), with each miss
-priced at ``λ``; ``λ`` is raised (bisection) until the plan's misses fit in what the SLO
-allows (a Lagrangian relaxation of the miss budget). The plan's money (reserved, rented,
-managed) is the bound; where no plan fits (too little rentable and managed capacity), the plan
-with the fewest misses is reported with its attainment.
+number of rented replicas is the state, adding one costs its cold start), with each miss priced
+at ``λ``; ``λ`` is raised (bisection) until the plan's misses fit in what the SLO allows (a
+Lagrangian relaxation of the miss budget); what is left of the budget then drops the dearest
+managed requests. The plan's money (reserved, rented, managed) is the bound; where no plan fits
+(too little rentable and managed capacity), the plan with the fewest misses is reported with
+its attainment.
 
 Simplifications, all in the bound's favour (it is meant to be at or below what any controller
 can do): requests are fluid within a step, a rental's billing minimum and rounding are ignored
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from decisions.endpoints import ManagedEndpoint
@@ -56,6 +59,29 @@ class Plan:
     on_managed: float
     peak_rented: int
     rentals: int
+    #: (USD per request, requests) sent to managed endpoints, per step and endpoint.
+    managed_parts: tuple[tuple[float, float], ...] = ()
+
+    def spend_misses(self, allowed: float) -> Plan:
+        """The plan with up to ``allowed`` more misses, taken from the dearest managed
+        requests (the miss budget the Lagrangian price left unused)."""
+        left = allowed - self.misses
+        if left <= 0:
+            return self
+        saved = dropped = 0.0
+        for usd, count in sorted(self.managed_parts, reverse=True):
+            if left <= 0:
+                break
+            take = min(count, left)
+            saved += take * usd
+            dropped += take
+            left -= take
+        return replace(
+            self,
+            cost_managed=self.cost_managed - saved,
+            misses=self.misses + dropped,
+            on_managed=self.on_managed - dropped,
+        )
 
 
 def reserved_replicas(setup: Setup) -> int:
@@ -78,7 +104,7 @@ def _steps(
     setup: Setup, trace: Trace, settings: SimSettings, reserved: int, bucket: float
 ) -> list[_Step]:
     count = max(1, math.ceil(trace.duration_s / bucket - 1e-9))
-    capacity = reserved * setup.replica_capacity_rps * bucket
+    capacity = reserved * setup.replica_throughput_rps * bucket
     p = setup.profile
     endpoints: list[ManagedEndpoint] = sorted(
         setup.managed, key=lambda e: (e.usd_per_million_output_tokens, e.name)
@@ -113,9 +139,15 @@ def _usd(e: ManagedEndpoint, input_tokens: float, output_tokens: float) -> float
 
 
 def _step_cost(
-    step: _Step, rented: int, per_replica: float, price_step: float, miss_usd: float
+    step: _Step,
+    rented: int,
+    per_replica: float,
+    price_step: float,
+    miss_usd: float,
+    parts: list[tuple[float, float]] | None = None,
 ) -> tuple[float, float, float, float, float]:
-    """(cost with misses priced, rented money, managed money, misses, on managed)."""
+    """(cost with misses priced, rented money, managed money, misses, on managed); what goes
+    to managed endpoints is added to ``parts``."""
     rent_money = rented * price_step
     left = max(0.0, step.overflow - rented * per_replica)
     managed_money = 0.0
@@ -127,6 +159,8 @@ def _step_cost(
         managed_money += take * usd
         on_managed += take
         left -= take
+        if parts is not None and take > 0:
+            parts.append((usd, take))
     return rent_money + managed_money + left * miss_usd, rent_money, managed_money, left, on_managed
 
 
@@ -164,8 +198,9 @@ def _plan(
     rented = managed = misses = on_rented = on_managed = 0.0
     rentals = 0
     previous = 0
+    parts: list[tuple[float, float]] = []
     for step, k in zip(steps, path, strict=True):
-        _, r, m, x, om = _step_cost(step, k, per_replica, price_step, miss)
+        _, r, m, x, om = _step_cost(step, k, per_replica, price_step, miss, parts)
         rented += r + max(0, k - previous) * start_usd
         rentals += max(0, k - previous)
         managed += m
@@ -173,7 +208,16 @@ def _plan(
         on_managed += om
         on_rented += min(step.overflow, k * per_replica)
         previous = k
-    return Plan(rented, managed, misses, on_rented, on_managed, max(path, default=0), rentals)
+    return Plan(
+        rented,
+        managed,
+        misses,
+        on_rented,
+        on_managed,
+        max(path, default=0),
+        rentals,
+        tuple(parts),
+    )
 
 
 def hindsight_bound(setup: Setup, trace: Trace, settings: SimSettings) -> dict[str, Any]:
@@ -189,7 +233,7 @@ def hindsight_bound(setup: Setup, trace: Trace, settings: SimSettings) -> dict[s
         cap = dep.spillover.max_usd_per_hour
         if cap is not None and price > 0:
             most = min(most, int(cap // price))
-    per_replica = setup.replica_capacity_rps * bucket
+    per_replica = setup.replica_throughput_rps * bucket
     cold = cold_start_s(setup, settings)
     start_usd = price * cold / 3600
     price_step = price * bucket / 3600
@@ -205,6 +249,7 @@ def hindsight_bound(setup: Setup, trace: Trace, settings: SimSettings) -> dict[s
                 high, plan = middle, trial
             else:
                 low = middle
+        plan = plan.spend_misses(budget)
     hours = trace.duration_s / 3600
     cost_reserved = setup.reserved_gpus * hours * setup.reserved_usd_per_gpu_hour
     overflow = plan.cost_rented + plan.cost_managed
@@ -212,7 +257,7 @@ def hindsight_bound(setup: Setup, trace: Trace, settings: SimSettings) -> dict[s
     attainment = 1.0 - plan.misses / n if n else 1.0
     how = (
         f"computed, not played: {bucket:g}s steps; {reserved} reserved replicas hold "
-        f"{setup.replica_capacity_rps:.2f} requests/s each (load-tested capacity); overflow to "
+        f"{setup.replica_throughput_rps:.2f} requests/s each (flat out); overflow to "
         f"up to {most} rented replicas at ${price:.2f}/h started one cold start "
         f"({cold:.0f}s, paid) ahead, or to managed endpoints by price and concurrency, or "
         f"missed within the {1 - SLO_SHARE:.0%} the SLO allows; cheapest plan by dynamic "

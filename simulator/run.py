@@ -250,7 +250,9 @@ def simulate(
     results = {name: results[name] for name in scenarios if name in results}
     summaries = {name: summarize(r, setup, settings) for name, r in results.items()}
     if "hindsight-bound" in scenarios:
-        summaries["hindsight-bound"] = hindsight_bound(setup, trace, settings)
+        bound = hindsight_bound(setup, trace, settings)
+        summaries["hindsight-bound"] = bound
+        setup = replace(setup, notes=(*setup.notes, f"hindsight-bound: {bound['how']}"))
     hours = trace.duration_s / 3600
     return Simulation(
         setup=setup,
