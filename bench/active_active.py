@@ -63,7 +63,7 @@ def table(figures: dict[str, Any]) -> str:
             k["victim"],
             f"{k['down_s']:.2f}",
             f"{k['decision_gap_s']:.2f}",
-            f"{k['decision_delay_s']:.2f}",
+            f"{k['decision_delay_s']:.2f}" + (" (earlier)" if k["in_earlier_pause"] else ""),
             ", ".join(k["waited_for"]) or "-",
             k["first_decision_by"],
             f"{k['converge_s']:.2f}",
@@ -95,6 +95,21 @@ def table(figures: dict[str, Any]) -> str:
             "decision delay after a kill: median / p90 / max",
             f"{delay['median']:.2f} / {delay['p90']:.2f} / {delay['max']:.2f}s",
             f"<= {interval:g}s",
+        ),
+        (
+            "  the same, kills that caught no started workflow task",
+            "{median:.2f} / {p90:.2f} / {max:.2f}s".format(
+                **figures["decision_delay_other_kills_s"]
+            )
+            if figures["decision_delay_other_kills_s"]
+            else "-",
+            f"<= {interval:g}s",
+        ),
+        (
+            "kills that caught a started workflow task / came in an earlier pause",
+            f"{figures['kills_that_caught_a_started_task']} / "
+            f"{figures['kills_in_an_earlier_pause']}",
+            "",
         ),
         (
             "fleet view converged: median / p90 / max",

@@ -472,8 +472,13 @@ class Chaos:
             if before and after:
                 kill.last_decision_before = before[-1]
                 kill.first_decision_after, kill.first_decision_by = after[0]
-                kill.waited_for = sorted(
-                    {w for t, w in timeouts if kill.killed_at < t <= kill.first_decision_after}
+                kill.waited_for = [
+                    w
+                    for t, w in sorted(timeouts)
+                    if kill.killed_at < t <= kill.first_decision_after
+                ]
+                kill.in_earlier_pause = any(
+                    kill.last_decision_before < k.killed_at < kill.killed_at for k in r.kills
                 )
             else:
                 r.errors.append(f"round {kill.round}: no decision around the kill")

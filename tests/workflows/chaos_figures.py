@@ -41,9 +41,12 @@ class Kill:
     last_decision_before: float = 0.0
     first_decision_after: float = 0.0
     first_decision_by: str = ""
-    #: What Temporal timed out before the first decision after the kill (empty: nothing; the
-    #: survivor's worker took the next task at once).
+    #: What Temporal timed out, in order, before the first decision after the kill (empty:
+    #: nothing; the survivor's worker took the next task at once).
     waited_for: list[str] = field(default_factory=list)
+    #: The kill came while the decisions were still paused by an earlier one (its gap is that
+    #: kill's, not its own).
+    in_earlier_pause: bool = False
 
     @property
     def gap_s(self) -> float:
@@ -85,8 +88,10 @@ class ChaosReport:
     errors: list[str] = field(default_factory=list)
 
     def figures(self) -> dict[str, Any]:
-        gaps = [k.gap_s for k in self.kills]
-        extra = [k.gap_s - self.cadence_s for k in self.kills]
+        own = [k for k in self.kills if not k.in_earlier_pause]
+        gaps = [k.gap_s for k in own]
+        extra = [k.gap_s - self.cadence_s for k in own]
+        quick = [k for k in own if not any("held" in w for w in k.waited_for)]
         converge = [k.converge_s for k in self.kills]
         return {
             "rounds": len(self.kills),
@@ -106,6 +111,9 @@ class ChaosReport:
             "decision_cadence_s": round(self.cadence_s, 3),
             "decision_gap_s": _spread(gaps),
             "decision_delay_s": _spread(extra),
+            "kills_in_an_earlier_pause": len(self.kills) - len(own),
+            "kills_that_caught_a_started_task": len(own) - len(quick),
+            "decision_delay_other_kills_s": _spread([k.gap_s - self.cadence_s for k in quick]),
             "resume_after_kill_s": _spread([k.resume_s for k in self.kills]),
             "converge_s": _spread(converge),
             "release_s": round(self.release_s, 2),
@@ -120,6 +128,7 @@ class ChaosReport:
                     "resume_s": round(k.resume_s, 3),
                     "first_decision_by": k.first_decision_by,
                     "waited_for": k.waited_for,
+                    "in_earlier_pause": k.in_earlier_pause,
                     "converge_s": round(k.converge_s, 3),
                 }
                 for k in self.kills

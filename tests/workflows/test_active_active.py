@@ -32,19 +32,21 @@ async def test_either_scheduler_dies_at_random_and_nothing_is_lost_or_doubled(
     interval = settings.interval_s
     for kill in report.kills:
         delay = kill.gap_s - report.cadence_s
-        if not kill.waited_for:
+        if kill.in_earlier_pause:
+            pass  # its gap is the earlier kill's, judged there
+        elif not kill.waited_for:
             # Decisions resume within one report interval of when they were due (the usual
             # cadence is one interval plus the time a decision takes).
             assert delay <= interval, (kill, figures)
-        elif kill.waited_for == ["workflow task waiting for the killed worker"]:
-            # The dead worker had the workflow cached: its next task waited half an interval
-            # for it, then the survivor replayed the history.
-            assert delay <= 2 * interval, (kill, figures)
         else:
-            # The kill caught a task the dead worker had started: Temporal hands it on after
-            # its timeout (the workflow task's 10 s; the plan activity's 30 s).
-            bound = 30 if any("activity" in w for w in kill.waited_for) else 10
-            assert delay <= bound + 2 * interval, (kill, figures)
+            # The dead worker had the workflow cached: its next task waited half an interval
+            # for it, then the survivor replayed the history. A task the dead worker had
+            # started waits for its timeout (the workflow task's 10 s, the plan activity's
+            # 30 s), once per kill that caught one before the decisions resumed.
+            bound = sum(
+                30 if "activity" in w else 10 if "held" in w else interval for w in kill.waited_for
+            )
+            assert delay <= bound + interval, (kill, figures)
         # The restarted scheduler's fleet view is the survivor's within two intervals.
         assert kill.converge_s <= 2 * interval, (kill, figures)
 
