@@ -112,6 +112,11 @@ def table(figures: dict[str, Any]) -> str:
             "",
         ),
         (
+            "  of which: wait for the killed worker / the survivor's takeover task",
+            f"{_spread_text(figures['sticky_wait_s'])} / {_spread_text(figures['takeover_task_s'])}",
+            "",
+        ),
+        (
             "fleet view converged: median / p90 / max",
             f"{converge['median']:.2f} / {converge['p90']:.2f} / {converge['max']:.2f}s",
             f"<= {2 * interval:g}s",

@@ -419,6 +419,8 @@ class Chaos:
             ).fetch_history()
             scheduled: dict[int, str] = {}
             started_by: dict[int, str] = {}
+            task_scheduled: dict[int, float] = {}
+            taken_over_at: float | None = None
             for event in history.events:
                 kind = event.event_type
                 if kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
@@ -440,14 +442,25 @@ class Chaos:
                         self.report.provisions += 1
                     elif child.workflow_type.name == "release":
                         self.report.releases += 1
+                elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+                    task_scheduled[event.event_id] = _at(event)
+                elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+                    if taken_over_at is not None:
+                        self.report.takeover_s.append(_at(event) - taken_over_at)
+                        taken_over_at = None
                 elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT:
                     attrs = event.workflow_task_timed_out_event_attributes
+                    held = attrs.timeout_type == TimeoutType.TIMEOUT_TYPE_START_TO_CLOSE
                     what = (
                         "workflow task held by the killed worker"
-                        if attrs.timeout_type == TimeoutType.TIMEOUT_TYPE_START_TO_CLOSE
+                        if held
                         else "workflow task waiting for the killed worker"
                     )
-                    timeouts.append((event.event_time.ToDatetime(tzinfo=UTC).timestamp(), what))
+                    timeouts.append((_at(event), what))
+                    if not held and attrs.scheduled_event_id in task_scheduled:
+                        waited = _at(event) - task_scheduled[attrs.scheduled_event_id]
+                        self.report.sticky_waits_s.append(waited)
+                    taken_over_at = _at(event)
                 elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
                     done = event.activity_task_completed_event_attributes
                     if done.scheduled_event_id in scheduled:
@@ -522,6 +535,10 @@ class Chaos:
             boto3.client("ec2", region_name=region, endpoint_url=self.moto_url).terminate_instances(
                 InstanceIds=[machine["id"]]
             )
+
+
+def _at(event: Any) -> float:
+    return float(event.event_time.ToDatetime(tzinfo=UTC).timestamp())
 
 
 def _healthy(fleet: pb.GetFleetResponse) -> set[str]:

@@ -79,6 +79,11 @@ class ChaosReport:
     over_cap: int = 0
     leaked: list[str] = field(default_factory=list)
     rented_served: bool = False
+    #: How long a killed worker's cached workflow's task waited for it (the sticky timeout
+    #: as Temporal applied it), and how long the survivor then took to finish that task (a
+    #: replay of the run's history and the task itself).
+    sticky_waits_s: list[float] = field(default_factory=list)
+    takeover_s: list[float] = field(default_factory=list)
     #: Decisions a scheduler made while still learning the fleet after its start (held).
     warm_up_holds: int = 0
     #: The usual time between two decisions (the median gap without a kill in it).
@@ -116,6 +121,8 @@ class ChaosReport:
             "decision_delay_other_kills_s": _spread([k.gap_s - self.cadence_s for k in quick]),
             "resume_after_kill_s": _spread([k.resume_s for k in self.kills]),
             "converge_s": _spread(converge),
+            "sticky_wait_s": _spread(self.sticky_waits_s),
+            "takeover_task_s": _spread(self.takeover_s),
             "release_s": round(self.release_s, 2),
             "elapsed_s": round(self.elapsed_s, 1),
             "kills": [
