@@ -36,6 +36,13 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results" / "active_active.json"
 
 
+def _spread_text(spread: dict[str, float]) -> str:
+    """median / p90 / max."""
+    if not spread:
+        return "-"
+    return f"{spread['median']:.2f} / {spread['p90']:.2f} / {spread['max']:.2f}s"
+
+
 def table(figures: dict[str, Any]) -> str:
     from rich.console import Console
     from rich.table import Table
@@ -98,11 +105,7 @@ def table(figures: dict[str, Any]) -> str:
         ),
         (
             "  the same, kills that caught no started workflow task",
-            "{median:.2f} / {p90:.2f} / {max:.2f}s".format(
-                **figures["decision_delay_other_kills_s"]
-            )
-            if figures["decision_delay_other_kills_s"]
-            else "-",
+            _spread_text(figures["decision_delay_other_kills_s"]),
             f"<= {interval:g}s",
         ),
         (
@@ -113,7 +116,8 @@ def table(figures: dict[str, Any]) -> str:
         ),
         (
             "  of which: wait for the killed worker / the survivor's takeover task",
-            f"{_spread_text(figures['sticky_wait_s'])} / {_spread_text(figures['takeover_task_s'])}",
+            f"{_spread_text(figures['sticky_wait_s'])} / "
+            f"{_spread_text(figures['takeover_task_s'])}",
             "",
         ),
         (
