@@ -27,7 +27,8 @@ demo: $(STAMP)
 
 test: test-tools lint typecheck unit
 
-# nginx, cloud-init and Azurite: the origins and tools some tests run against (see the script).
+# nginx, HAProxy, cloud-init and Azurite: the origins, proxies and tools some tests run against
+# (see the script).
 test-tools:
 	bash scripts/test-tools.sh
 
