@@ -9,6 +9,7 @@ baseline's target requests per second per replica from what a load test of one r
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Sequence
@@ -99,7 +100,19 @@ def replica_capacity(
 ) -> float:
     """Requests per second one replica serves with p99 time to first token within ``slo_s``,
     for these request sizes (Poisson arrivals, bisection on the rate): what a load test of
-    one replica shows."""
+    one replica shows. The same question twice in one process is answered once."""
+    return _capacity(profile, tuple(sizes), slo_s, seed, requests, fast_forward)
+
+
+@functools.lru_cache(maxsize=16)
+def _capacity(
+    profile: GpuProfile,
+    sizes: tuple[tuple[int, int], ...],
+    slo_s: float,
+    seed: int,
+    requests: int,
+    fast_forward: bool,
+) -> float:
     low, high = 0.0, 1.5 * replica_throughput(profile, sizes)
     for _ in range(7):  # to within 1% of the ceiling
         middle = (low + high) / 2
