@@ -460,6 +460,7 @@ class Cluster:
                     stats.running,
                     stats.queued,
                     stats.token_usage,
+                    stats.gen_throughput,
                 )
             )
         return FleetSnapshot(
