@@ -186,7 +186,9 @@ def _check_reaction(at: tuple[str | int, ...], dep: Deployment, lock: Lock | Non
                 (*at, "slo", "saturated_queue_age"),
                 f"{slo.saturated_queue_age:g} x ttft_s {slo.ttft_s:g}s = "
                 f"{slo.saturated_after_s:g}s is not below gateway.queue_timeout_s "
-                f"({timeout:g}s): requests would time out before the queue counts as saturated",
+                f"({timeout:g}s): requests time out before the queue's age says saturated "
+                "(the deployment still scales up at once when requests wait with no room)",
+                note=True,
             )
         )
     costs = dep.autoscaling.costs

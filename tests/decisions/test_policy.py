@@ -86,13 +86,6 @@ deployments:
         ("model: m", "model: m\n    colour: blue", ":6: deployments.chat.colour: unknown field"),
         (
             "max_replicas: 4",
-            "max_replicas: 4\n    slo:\n      ttft_s: 40\n      saturated_queue_age: 0.75",
-            ":13: deployments.chat.slo.saturated_queue_age: 0.75 x ttft_s 40s = 30s is not "
-            "below gateway.queue_timeout_s (30s): requests would time out before the queue "
-            "counts as saturated",
-        ),
-        (
-            "max_replicas: 4",
             "max_replicas: 4\n    slo: {saturated_queue_age: 1.5}",
             ":11: deployments.chat.slo.saturated_queue_age: Input should be less than or equal "
             "to 1",
@@ -116,6 +109,22 @@ def test_each_mistake_is_reported_with_line_and_field(
         expected.split(":", 2)[2] in e and e.startswith(f"{path}{expected.split(' ')[0]}")
         for e in result.errors
     ), result.errors
+
+
+def test_a_queue_timeout_shorter_than_the_saturation_age_is_a_note(tmp_path: Path) -> None:
+    """Requests time out before the queue's age says saturated: usable (a queue with no room
+    scales up at once), but worth saying."""
+    text = BASE.replace(
+        "max_replicas: 4",
+        "max_replicas: 4\n    slo:\n      ttft_s: 40\n      saturated_queue_age: 0.75",
+    )
+    result = check_policy(_write(tmp_path, text))
+    assert result.policy is not None and not result.errors
+    assert any(
+        ":13: deployments.chat.slo.saturated_queue_age: 0.75 x ttft_s 40s = 30s is not below "
+        "gateway.queue_timeout_s (30s)" in n
+        for n in result.notes
+    ), result.notes
 
 
 def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
