@@ -46,10 +46,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prefetch_origin import BUCKET, MODEL, MiB, Nginx, Origin, make_tree
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.prefetch_origin import BUCKET, MODEL, MiB, Nginx, Origin, make_tree  # noqa: E402
+
 PY = sys.executable
 TOOLS = [
     "spillway",

@@ -37,8 +37,12 @@ with workflow.unsafe.imports_passed_through():
         ReleaseResult,
     )
 
-#: Ticks per run before continuing as new (or sooner when Temporal suggests it).
-TICKS_PER_HISTORY = 500
+#: Ticks per run before continuing as new (or sooner when Temporal suggests it). A short
+#: history is cheap to replay, which is what another scheduler's worker does when the one that
+#: had this workflow cached dies: 100 ticks replay in a fraction of a second, 500 took seconds.
+TICKS_PER_HISTORY = 100
+#: What runs started before the change keep (their histories were written with it).
+TICKS_PER_HISTORY_BEFORE = 500
 RECENT_EVENTS = 40
 PLAN_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=500), maximum_interval=timedelta(seconds=10)
@@ -115,7 +119,7 @@ class DeploymentWorkflow:
             episodes_s=list(params.episodes_s),
             cheaper_since=list(params.cheaper_since),
         )
-        for _ in range(TICKS_PER_HISTORY):
+        for _ in range(TICKS_PER_HISTORY_BEFORE):
             plan = await workflow.execute_activity(
                 "plan_deployment",
                 PlanInput(
@@ -154,6 +158,9 @@ class DeploymentWorkflow:
                 await workflow.wait_condition(lambda: self.wake, timeout=plan.decide_every_s)
             if workflow.info().is_continue_as_new_suggested():
                 break
+            per_run = params.ticks_per_history or TICKS_PER_HISTORY
+            if s.ticks - params.runs >= per_run and workflow.patched("short-history"):
+                break
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(
             DeploymentInput(
@@ -165,6 +172,7 @@ class DeploymentWorkflow:
                 hold_until=s.hold_until,
                 recent=s.recent,
                 runs=s.ticks,
+                ticks_per_history=params.ticks_per_history,
                 released=s.released,
                 episode_started_at=carried.episode_started_at,
                 episode_seen_at=carried.episode_seen_at,

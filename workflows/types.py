@@ -43,6 +43,8 @@ class DeploymentInput:
     episode_seen_at: float | None = None
     episodes_s: list[float] = field(default_factory=list)
     cheaper_since: list[CheaperSince] = field(default_factory=list)
+    #: Ticks per run before continuing as new; 0: the workflow's default (``TICKS_PER_HISTORY``).
+    ticks_per_history: int = 0
 
 
 @dataclass
