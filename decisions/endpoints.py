@@ -6,8 +6,9 @@ moment the deployment's reserved and rented replicas are full, and only when the
 the deployment's residency lock. Their keys are referenced by environment variable name, never
 written here.
 
-``gateway`` tunes the gateway for one deployment: per-replica concurrency, the bounded queue,
-affinity and its load bound, and how gently a new replica is filled.
+``gateway`` tunes the gateway for one deployment: per-replica concurrency (a static cap, and
+the adaptive limit under it that ``admission`` tunes, see :mod:`decisions.admission`), the
+bounded queue, affinity and its load bound, and how gently a new replica is filled.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.configfile import Flag, Real, Whole
 
@@ -100,6 +101,65 @@ class ManagedEndpoint(_Strict):
         ) / 1e6
 
 
+class Admission(_Strict):
+    """How the gateway decides that a replica is full (see :mod:`decisions.admission`)."""
+
+    adaptive: Flag = Field(
+        default=True,
+        description="A replica is full when one more request would break slo.ttft_s, as its "
+        "observed time to first token says (AIMD, see decisions.admission); false: only at "
+        "the static cap.",
+    )
+    target_share: Real = Field(
+        default=0.75,
+        gt=0,
+        le=1.0,
+        description="A first token later than target_share x slo.ttft_s after sending is slow "
+        "and lowers the replica's limit (the rest of the target is left for the gateway's queue "
+        "and the network).",
+    )
+    min_concurrency: Whole = Field(
+        default=2, ge=1, le=100_000, description="The limit never falls below this."
+    )
+    initial_concurrency: Whole = Field(
+        default=16,
+        ge=1,
+        le=100_000,
+        description="A new replica's limit (within min_concurrency and the static cap).",
+    )
+    backoff: Real = Field(
+        default=0.9,
+        gt=0,
+        lt=1.0,
+        description="A slow sample sets the limit to backoff x the requests in flight.",
+    )
+    backoff_interval_s: Real = Field(
+        default=1.0, ge=0, le=600, description="At most one cut per this many seconds."
+    )
+    probe_interval_s: Real = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="A replica at its limit that was sent nothing for this long takes one more.",
+    )
+    window_s: Real = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="Every this many seconds, a limit above twice the most requests in flight "
+        "meanwhile falls to that twice.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Admission:
+        if self.initial_concurrency < self.min_concurrency:
+            raise ValueError(
+                f"initial_concurrency ({self.initial_concurrency}) must be at least "
+                f"min_concurrency ({self.min_concurrency})"
+            )
+        return self
+
+
 class GatewayRouting(_Strict):
     path_prefix: str | None = Field(
         default=None,
@@ -111,8 +171,10 @@ class GatewayRouting(_Strict):
         ge=1,
         le=100_000,
         description="Requests in flight per replica at most (default: the replica's own "
-        "max_running_requests; the smaller of the two when both are known).",
+        "max_running_requests; the smaller of the two when both are known); with adaptive "
+        "admission, the ceiling of the adaptive limit.",
     )
+    admission: Admission = Field(default_factory=Admission)
     queue_size: Whole = Field(
         default=256, ge=0, le=100_000, description="Requests that may wait when nothing has room."
     )
@@ -149,3 +211,13 @@ class GatewayRouting(_Strict):
         if value is not None and (not _PATH_PREFIX.match(value) or value.startswith("/v1")):
             raise ValueError("a path like /chat-eu (letters, digits, '.', '_', '~', '-'; not /v1)")
         return value
+
+    @model_validator(mode="after")
+    def _admission_under_cap(self) -> GatewayRouting:
+        cap = self.max_concurrency_per_replica
+        if cap is not None and self.admission.min_concurrency > cap:
+            raise ValueError(
+                f"admission.min_concurrency ({self.admission.min_concurrency}) must not exceed "
+                f"max_concurrency_per_replica ({cap})"
+            )
+        return self

@@ -214,6 +214,7 @@ class Cluster:
             ),
             managed_output_tokens_per_s=settings.managed_output_tokens_per_s,
             poll_s=settings.gateway_poll_s,
+            ttft_s=settings.ttft_slo_s,
         )
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
@@ -584,6 +585,8 @@ class Cluster:
     def _collect(self, replica: Replica, updates: list[Progress]) -> None:
         arrivals = self.trace.arrivals
         for p in updates:
+            if p.generated == 1:  # its first token
+                self.gateway.first_token(replica, int(p.request_id), p.at)
             if not p.finished:
                 continue
             index = int(p.request_id)

@@ -15,6 +15,11 @@ live gateway (``gateway.targets.DeploymentState.try_acquire`` and ``gateway.queu
 - a replica's cap is the smaller of ``gateway.max_concurrency_per_replica`` and its own
   ``max_running_requests``, and a replica that just became healthy is filled over
   ``gateway.warmup_s`` (the gateway's warm-up formula);
+- with ``gateway.admission.adaptive`` (the default), each replica also has the live gateway's
+  :class:`~decisions.admission.AdaptiveLimit` under that cap, fed with each request's time to
+  first token (from being sent to the replica to its first token, which the cluster reports
+  through :meth:`SimGateway.first_token`) and with the age of the oldest request still waiting
+  for one;
 - requests carry no affinity key (the traces have no sessions), so replicas are chosen by
   fewest in flight, as ``route()`` does without a key.
 
@@ -39,6 +44,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agent.runtimes.simulated_model import GpuProfile
+from decisions.admission import AdaptiveLimit, settings_for
 from decisions.endpoints import GatewayRouting, ManagedEndpoint
 from decisions.fleetview import GatewayLoad
 from decisions.policy import Lock
@@ -122,6 +128,7 @@ class SimGateway:
         *,
         managed_output_tokens_per_s: float,
         poll_s: float,
+        ttft_s: float = 2.0,
     ) -> None:
         self.lock = lock
         self.routing = routing
@@ -146,6 +153,14 @@ class SimGateway:
         self._overflow_since = 0.0
         #: (when, USD, tokens) of every request sent to a managed endpoint.
         self.spend: list[tuple[float, float, int]] = []
+        #: None: the static cap only (``gateway.admission.adaptive: false``).
+        self.admission = settings_for(routing.admission, ttft_s)
+        #: Per replica: its adaptive limit, and its requests waiting for a first token (request
+        #: index -> when it was sent; insertion order is sending order, so the first is oldest).
+        self.limits: dict[str, AdaptiveLimit] = {}
+        self.waiting_first: dict[str, dict[int, float]] = {}
+        #: Samples fed to the limiters (first tokens seen).
+        self.samples = 0
 
     # -- the view ----------------------------------------------------------------------------
 
@@ -154,6 +169,8 @@ class SimGateway:
         out: list[Target] = []
         for r in self.d.replicas():
             cap = r.cap
+            if self.admission is not None:
+                cap = self._adaptive_cap(r, now)
             age = now - r.healthy_since
             if warmup > 0 and age < warmup:
                 cap = min(cap, 1 + int((cap - 1) * max(0.0, age) / warmup))
@@ -162,6 +179,26 @@ class SimGateway:
             )
         out.extend(m.view() for m in self.managed)
         return out
+
+    def _adaptive_cap(self, replica: RoutableReplica, now: float) -> int:
+        rid = replica.replica_id
+        limit = self.limits.get(rid)
+        if limit is None:
+            assert self.admission is not None
+            limit = self.limits[rid] = AdaptiveLimit(self.admission, replica.cap, now)
+        waiting = self.waiting_first.get(rid)
+        oldest = now - next(iter(waiting.values())) if waiting else 0.0
+        return limit.cap(now, replica.in_flight, oldest)
+
+    def first_token(self, replica: RoutableReplica, index: int, at: float) -> None:
+        """Request ``index`` got its first token from ``replica`` at ``at``."""
+        waiting = self.waiting_first.get(replica.replica_id)
+        sent = waiting.pop(index, None) if waiting else None
+        limit = self.limits.get(replica.replica_id)
+        if sent is None or limit is None:
+            return
+        self.samples += 1
+        limit.sample(at - sent, at, replica.in_flight)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -230,7 +267,12 @@ class SimGateway:
             return True
         for replica in self.d.replicas():
             if replica.replica_id == target.target_id:
-                self.d.submit(replica, index)
+                if self.d.submit(replica, index) and self.admission is not None:
+                    rid = replica.replica_id
+                    self.waiting_first.setdefault(rid, {})[index] = now
+                    limit = self.limits.get(rid)
+                    if limit is not None:
+                        limit.sent(now)
                 return True
         raise AssertionError(f"route() chose {target.target_id}, which is not a target")
 
