@@ -53,7 +53,8 @@ SUFFIXES = (
     ("/v1/completions", COMPLETIONS),
     ("/generate", GENERATE),
 )
-#: How often queues are offered capacity that appears without an event (warm-up caps grow).
+#: How often queues are offered capacity that appears without an event (warm-up caps grow, an
+#: adaptive limit probes or drops its unused part).
 TICK_S = 0.2
 
 

@@ -43,6 +43,10 @@ class _Family:
             child = self._children[labels] = self.metric.labels(*labels)
         return child
 
+    def remove(self, *labels: str) -> None:
+        if self._children.pop(labels, None) is not None:
+            self.metric.remove(*labels)
+
 
 class GatewayMetrics:
     def __init__(self) -> None:
@@ -86,6 +90,16 @@ class GatewayMetrics:
         )
         self.in_flight = _Family(
             Gauge(p + "in_flight", "Requests in flight.", ["deployment", "tier"], registry=r)
+        )
+        self.concurrency_limit = _Family(
+            Gauge(
+                p + "replica_concurrency_limit",
+                "Requests a replica may have in flight now: its adaptive limit (from its time "
+                "to first token against the deployment's target), or its static cap without "
+                "adaptive admission.",
+                ["deployment", "replica"],
+                registry=r,
+            )
         )
         self.queue_depth = _Family(
             Gauge(p + "queue_depth", "Requests waiting in the queue.", ["deployment"], registry=r)

@@ -15,6 +15,11 @@ answer back, retry once, and let go of everything the moment the client does.
 - **Cancellation.** The server cancels the handler when its client goes away (aiohttp's
   ``handler_cancellation``); the cancellation reaches the upstream call, whose connection is
   closed at once, so the replica aborts the request, also during a long prefill.
+- **Admission.** Each attempt on a replica tells its slot's adaptive limit (see
+  :mod:`gateway.targets`) when it was sent and, for a streamed answer, when the first chunk of
+  the body arrived (SGLang writes it with the first token): that time since sending is the
+  replica's time to first token. An answer read whole counts only by its full time, an upper
+  bound of its time to first token (a fast sample when within the threshold, else nothing).
 - **Health.** A replica whose connection fails is held back (it takes no request) until a
   ``/health`` probe passes: a killed replica stops getting traffic at once, not one report
   interval later.
@@ -260,6 +265,7 @@ class Proxy:
                 try:
                     result = await self._attempt(request, dep, slot, call)
                 finally:
+                    slot.settled(id(call))
                     dep.release(slot)
                 if not isinstance(result, _Failure):
                     return result
@@ -301,6 +307,8 @@ class Proxy:
         self, request: web.Request, dep: DeploymentState, slot: Slot, call: Call
     ) -> web.StreamResponse | _Failure:
         url = slot.urls[call.kind]
+        sent_at = time.monotonic()
+        slot.sent(id(call), sent_at, call.data.get("stream") is True)
         try:
             resp = await self.session.post(url, data=call.body_for(slot), headers=slot.headers)
         except _UPSTREAM_ERRORS as exc:
@@ -318,7 +326,7 @@ class Proxy:
                 )
             ctype = resp.headers.get(_CONTENT_TYPE, _JSON)
             if ctype.startswith("text/event-stream"):
-                return await self._stream(request, dep, slot, call, resp, ctype)
+                return await self._stream(request, dep, slot, call, resp, ctype, sent_at)
             try:
                 payload = await resp.read()
             except _UPSTREAM_ERRORS as exc:
@@ -326,6 +334,8 @@ class Proxy:
                 return _Failure("connect", 502, f"{slot.target_id}: {_describe(exc)}", slot)
             found = None
             if status == 200:
+                now = time.monotonic()
+                slot.answered(id(call), now - sent_at, now)
                 try:
                     found = usage_of(json.loads(payload), call.kind)
                 except ValueError:
@@ -345,6 +355,7 @@ class Proxy:
         call: Call,
         resp: aiohttp.ClientResponse,
         ctype: str,
+        sent_at: float,
     ) -> web.StreamResponse | _Failure:
         content = resp.content
         try:
@@ -352,6 +363,9 @@ class Proxy:
         except _UPSTREAM_ERRORS as exc:  # nothing reached the client yet: retryable
             self._failed(slot, exc)
             return _Failure("connect", 502, f"{slot.target_id}: {_describe(exc)}", slot)
+        if chunk and resp.status == 200:
+            now = time.monotonic()
+            slot.first_byte(id(call), now - sent_at, now)
         out = web.StreamResponse(
             status=resp.status,
             headers={

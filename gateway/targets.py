@@ -9,9 +9,21 @@ and its traffic totals; :meth:`DeploymentState.try_acquire` builds the immutable
 chosen slot. :class:`Deployments` maps names, model names and path prefixes to deployments and
 applies policy reloads and fleet changes; :class:`PolicyFile` reloads the policy file.
 
+Adaptive admission (``gateway.admission.adaptive``, the default): each replica's slot keeps a
+:class:`~decisions.admission.AdaptiveLimit` under its static cap, and routing sees that limit as
+the replica's cap, so a replica whose time to first token nears ``slo.ttft_s`` counts as full
+and the next request overflows. The proxy feeds it: :meth:`Slot.sent` when a request goes out,
+:meth:`Slot.first_byte` at the first chunk of a streamed answer's body (SGLang writes it with
+the first token) with the time since sending, :meth:`Slot.answered` for an answer read whole
+(its full time is only an upper bound of its time to first token: it counts as a fast sample
+when within the threshold and as nothing otherwise), :meth:`Slot.settled` for a failure. Only
+streamed requests are watched for a first token that is late: the oldest one still waiting
+past the threshold counts as a slow sample before it arrives.
+
 Warm-up: a replica that became healthy ``t`` seconds ago (``t < warmup_s``) takes at most
-``1 + (cap - 1) * t / warmup_s`` requests. Replicas already healthy in the first fleet the
-gateway ever sees are taken as warm (a gateway restart must not throttle a running fleet).
+``1 + (cap - 1) * t / warmup_s`` requests (``cap`` the adaptive limit when there is one).
+Replicas already healthy in the first fleet the gateway ever sees are taken as warm (a gateway
+restart must not throttle a running fleet).
 
 Nothing here chooses a target: that is ``route()``'s, and the residency re-check after it only
 refuses. No HTTP here.
@@ -30,6 +42,7 @@ from pathlib import Path
 from yarl import URL
 
 from common.configfile import ConfigError
+from decisions.admission import AdaptiveLimit, AdmissionSettings, settings_for
 from decisions.endpoints import GatewayRouting, ManagedEndpoint
 from decisions.policy import Deployment, Lock, Policy, resolve_lock
 from decisions.policycheck import load_policy
@@ -67,6 +80,7 @@ class Slot:
         "healthy",
         "healthy_since",
         "in_flight",
+        "limiter",
         "managed",
         "model",
         "owner",
@@ -79,6 +93,7 @@ class Slot:
         "tier_label",
         "urls",
         "view",
+        "waiting_first",
     )
 
     def __init__(self, owner: DeploymentState, target_id: str, tier: Tier) -> None:
@@ -110,6 +125,10 @@ class Slot:
         self.headers: dict[str, str] = {}
         #: A managed endpoint's own name for the model (the body is rewritten for it).
         self.model: str | None = None
+        #: Replicas with adaptive admission: the limit, and the streamed requests still waiting
+        #: for their first byte (request token -> when sent; the first entry is the oldest).
+        self.limiter: AdaptiveLimit | None = None
+        self.waiting_first: dict[int, float] = {}
 
     def set_tier(self, tier: Tier) -> None:
         if tier is not self.tier:
@@ -119,6 +138,11 @@ class Slot:
 
     def cap_at(self, now: float, warmup_s: float) -> int:
         cap = self.base_cap
+        limiter = self.limiter
+        if limiter is not None:
+            waiting = self.waiting_first
+            oldest = now - next(iter(waiting.values())) if waiting else 0.0
+            cap = min(cap, limiter.cap(now, self.in_flight, oldest))
         age = now - self.healthy_since
         if warmup_s > 0 and age < warmup_s:
             cap = min(cap, 1 + int((cap - 1) * max(0.0, age) / warmup_s))
@@ -147,6 +171,36 @@ class Slot:
             self.price,
         )
         return view
+
+    # -- adaptive admission: what the proxy tells the limiter -----------------------------------
+
+    def sent(self, token: int, now: float, streamed: bool) -> None:
+        """Request ``token`` was sent at ``now``; a streamed one is watched for its first byte."""
+        if self.limiter is not None:
+            self.limiter.sent(now)
+            if streamed:
+                self.waiting_first[token] = now
+
+    def first_byte(self, token: int, ttft_s: float, now: float) -> None:
+        """The first chunk of a streamed answer's body came ``ttft_s`` after sending."""
+        self.waiting_first.pop(token, None)
+        if self.limiter is not None:
+            self.limiter.sample(ttft_s, now, self.in_flight)
+
+    def answered(self, token: int, elapsed_s: float, now: float) -> None:
+        """An answer read whole, ``elapsed_s`` after sending: an upper bound of its time to
+        first token, so a fast sample when within the threshold and nothing otherwise."""
+        self.waiting_first.pop(token, None)
+        limiter = self.limiter
+        if limiter is not None and elapsed_s <= limiter.settings.threshold_s:
+            limiter.sample(elapsed_s, now, self.in_flight)
+
+    def settled(self, token: int) -> None:
+        """Request ``token`` failed or was abandoned: no sample."""
+        self.waiting_first.pop(token, None)
+
+    def current_limit(self) -> float:
+        return float(int(self.limiter.limit)) if self.limiter is not None else float(self.base_cap)
 
 
 def _host(host: str) -> str:
@@ -186,6 +240,7 @@ class DeploymentState:
         self.replica_headers = replica_headers
         self.spec: Deployment | None = None
         self.routing = GatewayRouting()
+        self.admission: AdmissionSettings | None = None
         self.lock = Lock(None, None, None)
         self.replicas: dict[str, Slot] = {}
         self.managed: dict[str, Slot] = {}
@@ -213,6 +268,7 @@ class DeploymentState:
         self.spec = spec
         self.lock = lock
         self.routing = spec.gateway
+        self.admission = settings_for(spec.gateway.admission, spec.slo.ttft_s)
         self.queue.size = spec.gateway.queue_size
         self.queue.timeout_s = spec.gateway.queue_timeout_s
         managed: dict[str, Slot] = {}
@@ -245,6 +301,7 @@ class DeploymentState:
         if replica.max_running_requests > 0:
             caps.append(replica.max_running_requests)
         slot.base_cap = min(caps) if caps else DEFAULT_CAP
+        self._admission(slot)
         base = f"http://{_host(replica.host)}:{replica.port}"
         if slot.base != base:
             slot.base = base
@@ -253,10 +310,25 @@ class DeploymentState:
             slot.down = False
         slot.headers = self.replica_headers
 
+    def _admission(self, slot: Slot) -> None:
+        """Give a replica's slot the deployment's limiter (a new one when the settings changed;
+        the same one, under its new cap, otherwise)."""
+        settings = self.admission
+        limiter = slot.limiter
+        if settings is None:
+            slot.limiter = None
+            slot.waiting_first.clear()
+        elif limiter is None or limiter.settings != settings:
+            slot.limiter = AdaptiveLimit(settings, slot.base_cap, time.monotonic())
+        else:
+            limiter.set_max(slot.base_cap)
+        self.metrics.concurrency_limit(self.name, slot.target_id).set_function(slot.current_limit)
+
     def drop_replicas(self, keep: Iterable[str]) -> None:
         keep = set(keep)
         for replica_id in [r for r in self.replicas if r not in keep]:
             self._retire(self.replicas.pop(replica_id))
+            self.metrics.concurrency_limit.remove(self.name, replica_id)
 
     def _revive(self, target_id: str) -> Slot | None:
         """A replica back in the fleet while requests from before are still in flight."""

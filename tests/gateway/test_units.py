@@ -148,7 +148,9 @@ def _deployments(**gateway: Any) -> Deployments:
 
 
 def test_a_new_replica_warms_up_from_one_to_its_cap() -> None:
-    deployments = _deployments(warmup_s=10, max_concurrency_per_replica=32)
+    deployments = _deployments(
+        warmup_s=10, max_concurrency_per_replica=32, admission={"adaptive": False}
+    )
     fleet = deployments.fleet
     fleet.apply([_replica("old")], "s1", 1.0)  # the first fleet: already warm
     fleet.apply([_replica("old"), _replica("new", max_running_requests=16)], "s1", 1.0)
