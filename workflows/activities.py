@@ -427,14 +427,28 @@ class ControlActivities:
         """Every managed machine on every configured cloud, each with its owner if it has one.
 
         A machine is owned while the provision that launched it runs, or while its agent hosts
-        a replica of a deployment in the policy in force.
+        a replica of a deployment in the policy in force. While this scheduler is still learning
+        the fleet (just started: agents have not all reported yet), and while a machine's agent
+        has registered but not yet reported, nobody can tell, so the machine counts as owned:
+        a leak is never judged on a fleet view that is not complete yet.
         """
         plane = self.plane
         policy = plane.policies.policy
         serving: dict[str, str] = {}
+        since = time.monotonic() - plane.started_at
+        warmup = plane.fleet.report_interval_s * WARMUP_INTERVALS
+        learning = (
+            f"not known yet: the scheduler started {since:.1f}s ago (agents report within "
+            f"{warmup:g}s)"
+            if since < warmup
+            else ""
+        )
         for record, _health in plane.fleet.agents():
             key = record.registration.labels.extra.get(KEY_LABEL)
-            if not key or record.report is None:
+            if not key:
+                continue
+            if record.report is None:
+                serving[key] = f"not known yet: agent {record.agent_id} has not reported"
                 continue
             for replica in record.report.replicas:
                 if replica.deployment in policy.deployments:
@@ -451,6 +465,8 @@ class ControlActivities:
                 owner = serving.get(instance.key, "")
             if not owner:
                 owner = await self._provision_owner(owner_workflow(instance))
+            if not owner:
+                owner = learning
             out.machines.append(
                 ManagedMachine(
                     instance.cloud,
