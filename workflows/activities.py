@@ -219,14 +219,19 @@ class ControlActivities:
             )
         return out
 
-    def _observing(self, deployment: str) -> str:
-        """Why the fleet is not fully known yet for ``deployment``; empty when it is."""
-        plane = self.plane
-        fleet = plane.fleet
-        since = time.monotonic() - plane.started_at
-        warmup = fleet.report_interval_s * WARMUP_INTERVALS
+    def _warming_up(self) -> str:
+        """Why no agent can be presumed missing yet (the scheduler just started); or empty."""
+        since = time.monotonic() - self.plane.started_at
+        warmup = self.plane.fleet.report_interval_s * WARMUP_INTERVALS
         if since < warmup:
             return f"the scheduler started {since:.1f}s ago; agents report within {warmup:g}s"
+        return ""
+
+    def _observing(self, deployment: str) -> str:
+        """Why the fleet is not fully known yet for ``deployment``; empty when it is."""
+        plane, fleet = self.plane, self.plane.fleet
+        if warming := self._warming_up():
+            return warming
         dep = plane.policies.policy.deployments.get(deployment)
         pools = set(dep.pools) if dep is not None else set()
         quiet = sorted(
@@ -424,33 +429,19 @@ class ControlActivities:
 
     @activity.defn(name="find_machines")
     async def find_machines(self, _: FindMachinesInput) -> FindMachinesOutput:
-        """Every managed machine on every configured cloud, each with its owner if it has one.
-
-        A machine is owned while the provision that launched it runs, or while its agent hosts
-        a replica of a deployment in the policy in force. While this scheduler is still learning
-        the fleet (just started: agents have not all reported yet), and while a machine's agent
-        has registered but not yet reported, nobody can tell, so the machine counts as owned:
-        a leak is never judged on a fleet view that is not complete yet.
+        """Every managed machine on every configured cloud, each with its owner if it has one:
+        a machine is owned while the provision that launched it runs, or while its agent hosts
+        a replica of a deployment in the policy in force; and, so that no leak is judged on an
+        incomplete view, while this scheduler warms up or its agent has not reported yet.
         """
-        plane = self.plane
+        plane, serving, warming = self.plane, dict[str, str](), self._warming_up()
         policy = plane.policies.policy
-        serving: dict[str, str] = {}
-        since = time.monotonic() - plane.started_at
-        warmup = plane.fleet.report_interval_s * WARMUP_INTERVALS
-        learning = (
-            f"not known yet: the scheduler started {since:.1f}s ago (agents report within "
-            f"{warmup:g}s)"
-            if since < warmup
-            else ""
-        )
         for record, _health in plane.fleet.agents():
-            key = record.registration.labels.extra.get(KEY_LABEL)
-            if not key:
+            if not (key := record.registration.labels.extra.get(KEY_LABEL)):
                 continue
             if record.report is None:
                 serving[key] = f"not known yet: agent {record.agent_id} has not reported"
-                continue
-            for replica in record.report.replicas:
+            for replica in record.report.replicas if record.report else ():
                 if replica.deployment in policy.deployments:
                     serving[key] = f"serves {replica.deployment} ({replica.replica_id})"
         out = FindMachinesOutput(now=time.time())
@@ -465,8 +456,8 @@ class ControlActivities:
                 owner = serving.get(instance.key, "")
             if not owner:
                 owner = await self._provision_owner(owner_workflow(instance))
-            if not owner:
-                owner = learning
+            if not owner and warming:
+                owner = f"not known yet: {warming}"
             out.machines.append(
                 ManagedMachine(
                     instance.cloud,
