@@ -167,6 +167,9 @@ async def test_drain_gives_up_at_the_deadline_and_forgets_silent_gateways(
         gateway.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await gateway
+    # A report sent just before the cancel may still land: let it, so that the gateway's last
+    # report comes before the mark below.
+    await asyncio.sleep(0.05)
     # The gateway fell silent. Its last report came before the mark, so it is waited for
     # until it has not reported for two intervals (0.4 s); then it no longer counts.
     started = time.monotonic()
@@ -174,7 +177,7 @@ async def test_drain_gives_up_at_the_deadline_and_forgets_silent_gateways(
         activities.drain_at_gateways, DrainAtGatewaysInput("not-in-the-fleet", deadline_s=30)
     )
     assert done == DrainAtGatewaysOutput("not-in-the-fleet", 0, 0, marked=False)
-    assert 0.25 <= time.monotonic() - started < 0.8
+    assert 0.2 <= time.monotonic() - started < 0.8
 
 
 async def test_release_drains_at_the_gateways_before_the_node(temporal_address: str) -> None:
